@@ -31,3 +31,49 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK) and pick this process's device.
+    NCCL on GPUs, gloo on CPU; a plain `python` run (no WORLD_SIZE) stays single-process."""
+    import os
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no GPU; use --set device=cpu")
+    chosen = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(chosen)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return chosen
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean_grads_(parameters: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `parameters` over ranks with one flat all-reduce (data parallelism).
+    A parameter without a gradient on this rank contributes zeros, so every rank calls the same collective."""
+    if not is_distributed() or not parameters:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_sum_(flat).div_(world_size())
+    offset = 0
+    for p in parameters:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n

@@ -1,0 +1,207 @@
+"""`vqtok train`, `vqtok encode` and `vqtok decode`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.tokenizer import CONFIG_FILE, atomic_write_bytes
+
+INDEX_FILE = "index.json"
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    _add_train(subparsers)
+    _add_encode(subparsers)
+    _add_decode(subparsers)
+
+
+# -- train ------------------------------------------------------------------------------------------------------------
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a tokenizer (single process, or data parallel under torchrun)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train an image tokenizer with any of the five quantizers into a run directory.",
+        epilog="""examples:
+  vqtok train --config configs/demo.yaml --out runs/demo
+  vqtok train --config configs/demo.yaml --set model.quantizer=vq --set model.quantizer_options={} --out runs/demo-vq
+  vqtok train --out runs/demo --resume                      # continue a run from its last complete checkpoint
+  torchrun --nproc_per_node 8 -m vqtok.cli train --config configs/imagenet-f16-ibq.yaml --data /data/imagenet \\
+      --out runs/ibq""")
+    p.add_argument("--config", type=Path, help="YAML config (configs/*.yaml); with --resume, the run's own config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-4 --set data.batch_size=8 (repeatable)")
+    p.add_argument("--data", help="shortcut for --set data.source=SOURCE (photos, fashion-mnist or a folder)")
+    p.add_argument("--out", type=Path, required=True, help="run directory to create (or continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete checkpoint")
+    p.add_argument("--until", type=int, metavar="STEP",
+                   help="stop after this step with a checkpoint (continue later with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
+    if args.resume:
+        saved = args.out / CONFIG_FILE
+        if not saved.is_file():
+            print(f"error: --resume needs {saved}; {args.out} is not a vqtok run directory", file=sys.stderr)
+            return 2
+        base = json.loads(saved.read_text())
+        base = {k: v for k, v in base.items() if k not in ("data_description", "world_size")}
+        config = load_config(args.config, overrides, base=None if args.config else base)
+    elif args.config is None:
+        print("error: --config is required for a new run (see configs/), or pass --resume", file=sys.stderr)
+        return 2
+    else:
+        config = load_config(args.config, overrides)
+    summary = train(config, args.out, resume=args.resume, until=args.until, progress=not args.no_progress)
+    metrics = summary.get("metrics")
+    if metrics is not None:
+        from ..metrics import format_table
+
+        print(format_table(metrics))
+        print(f"run directory: {args.out}")
+    return 0
+
+
+# -- encode -----------------------------------------------------------------------------------------------------------
+def _add_encode(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "encode", help="turn images into token shards (.npy) with a trained tokenizer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Encode a data source into token shards: tokens-XXXXX.npy (n, h, w) as int16 when the codebook "
+                    "fits (K <= 32768) else int32, labels-XXXXX.npy (n,) int64, and index.json describing them.",
+        epilog="examples:\n  vqtok encode runs/demo --data photos --out tokens/\n"
+               "  vqtok encode runs/ibq --data /data/imagenet --split train --ema --out tokens/imagenet-train/")
+    p.add_argument("run", type=Path, help="run directory (config.json + model.safetensors)")
+    p.add_argument("--data", required=True, help="photos, fashion-mnist or a folder of images")
+    p.add_argument("--split", default="val", help="train or val (default val: centre crops)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the shards and index.json")
+    p.add_argument("--size", type=int, help="crop size (default: the run's training size)")
+    p.add_argument("--length", type=int, help="number of crops for the photos source")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+    p.add_argument("--ema", action="store_true", help="use the weight-EMA weights (ema.safetensors)")
+    p.set_defaults(func=run_encode)
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.int16) if codebook_size <= 2**15 else np.dtype(np.int32)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..data import build_dataset
+    from ..models import Tokenizer
+
+    model = Tokenizer.from_pretrained(args.run, ema=args.ema).eval()
+    size = args.size or model.config.image_size
+    dataset = build_dataset(args.data, args.split, size=size, length=args.length, train_crops=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(model.codebook_size)
+    shards, tokens, labels = [], [], []
+
+    def flush() -> None:
+        if not tokens:
+            return
+        name = f"{len(shards):05d}"
+        ids, lab = np.concatenate(tokens), np.concatenate(labels)
+        _save_npy(args.out / f"tokens-{name}.npy", ids)
+        _save_npy(args.out / f"labels-{name}.npy", lab)
+        shards.append({"tokens": f"tokens-{name}.npy", "labels": f"labels-{name}.npy", "count": len(ids)})
+        tokens.clear()
+        labels.clear()
+
+    pending = 0
+    for images, label in tqdm(loader, desc="encode", unit="batch"):
+        ids = model.encode(images).cpu().numpy().astype(dtype)  # (B, h, w)
+        tokens.append(ids)
+        labels.append(np.asarray(label, dtype=np.int64))
+        pending += len(ids)
+        if pending >= args.shard_size:
+            flush()
+            pending = 0
+    flush()
+    index = {"run": str(args.run.resolve()), "codebook_size": model.codebook_size, "grid": list(model.grid),
+             "image_size": size, "dtype": dtype.name, "ema": args.ema, "count": sum(s["count"] for s in shards),
+             "data": _describe(dataset), "shards": shards}
+    atomic_write_bytes(args.out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+    print(f"wrote {index['count']} token maps of {model.grid[0]}x{model.grid[1]} ({dtype.name}) in {len(shards)} "
+          f"shard(s) to {args.out}")
+    return 0
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def _describe(dataset) -> object:
+    describe = getattr(dataset, "describe", None)
+    return describe() if callable(describe) else {"count": len(dataset)}
+
+
+# -- decode -----------------------------------------------------------------------------------------------------------
+def _add_decode(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "decode", help="turn token shards back into PNG images",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Decode the shards written by `vqtok encode` into PNGs named SHARD-INDEX.png.",
+        epilog="example:\n  vqtok decode runs/demo tokens/ --out images/")
+    p.add_argument("run", type=Path, help="run directory of the tokenizer that wrote the tokens")
+    p.add_argument("tokens", type=Path, help="folder with index.json and the token shards")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, help="decode at most this many images")
+    p.add_argument("--ema", action="store_true", help="use the weight-EMA weights (ema.safetensors)")
+    p.set_defaults(func=run_decode)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ..models import Tokenizer
+
+    index_path = args.tokens / INDEX_FILE
+    if not index_path.is_file():
+        print(f"error: {index_path} not found; write tokens with `vqtok encode RUN --data ... --out {args.tokens}`",
+              file=sys.stderr)
+        return 2
+    index = json.loads(index_path.read_text())
+    model = Tokenizer.from_pretrained(args.run, ema=args.ema).eval()
+    if index["codebook_size"] != model.codebook_size:
+        print(f"error: the tokens come from a codebook of {index['codebook_size']} codes, the tokenizer in {args.run} "
+              f"has {model.codebook_size}; decode with the run that encoded them", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    total = min(index["count"], args.limit) if args.limit else index["count"]
+    written = 0
+    with tqdm(total=total, desc="decode", unit="img") as bar:
+        for shard_number, shard in enumerate(index["shards"]):
+            ids = np.load(args.tokens / shard["tokens"])
+            for start in range(0, len(ids), args.batch_size):
+                if written >= total:
+                    break
+                batch = torch.from_numpy(ids[start : start + min(args.batch_size, total - written)].astype(np.int64))
+                images = model.decode(batch)  # (B, 3, H, W) in [0, 1]
+                pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for i, array in enumerate(pixels):
+                    Image.fromarray(array).save(args.out / f"{shard_number:05d}-{start + i:06d}.png")
+                written += len(pixels)
+                bar.update(len(pixels))
+    print(f"wrote {written} PNGs to {args.out}")
+    return 0

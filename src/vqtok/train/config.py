@@ -1,0 +1,153 @@
+"""Training configuration: dataclasses, read from YAML, overridden with `--set key=value`, saved resolved in config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..models import TokenizerConfig
+
+
+@dataclass
+class DataConfig:
+    source: str = "photos"  # "photos" | "fashion-mnist" | a folder path
+    size: int = 64  # crop side in pixels
+    train_length: int | None = None  # crops per epoch for the photos source (None: the source's default)
+    val_length: int | None = None  # validation crops for the photos source
+    batch_size: int = 16  # per process
+    num_workers: int = 0
+
+
+@dataclass
+class CodebookConfig:
+    """How lc's frozen codebook is made when model.quantizer_options has no `codebook` file (`vqtok codebook build`)."""
+
+    encoder: str = "efficientnet-lite0"
+    source: str | None = None  # None: the training data source
+    method: str = "two-level"
+    crops: int | None = None  # crops to extract features from (None: the builder's default for the size)
+    seed: int = 0
+    cache_dir: str = ".cache/codebooks"  # relative to the working directory
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0  # L1 pixel loss
+    l2_weight: float = 0.0  # MSE pixel loss
+    perceptual_weight: float = 1.0  # 0 disables; LPIPS-VGG when its weights are found, else feature matching
+    perceptual_encoder: str = "efficientnet-lite0"  # the offline fallback network
+    lpips_dir: str | None = None
+    disc_weight: float = 0.0  # 0 disables the GAN (no discriminator is built)
+    disc_start: int = 0  # step at which the GAN losses and the discriminator updates start
+    disc_layers: int = 2  # PatchGAN n_layers (LC 2, IBQ 3)
+    disc_loss: str = "hinge"  # "hinge" | "vanilla"
+    gen_loss: str = "hinge"  # "hinge" (-mean D, LC) | "non-saturating" (IBQ)
+    adaptive_weight: bool = True  # VQGAN's ||grad rec|| / ||grad G|| balance (LC); IBQ uses a fixed weight
+    lecam_weight: float = 0.0  # IBQ: 0.05
+    lecam_decay: float = 0.999
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" | "cosine" (LC: warm-up then cosine) | "step" (IBQ)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    milestones: tuple[int, ...] = ()  # "step": multiply by gamma at each
+    gamma: float = 0.1
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+
+
+@dataclass
+class TrainConfig:
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000  # total optimiser steps
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast for the networks (the quantizer always computes in fp32)
+    ema_decay: float | None = None  # weight EMA used for evaluation (IBQ: 0.999); None: off
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only at the end
+    eval_images: int | None = 256  # images for the periodic and final evaluation (None: the whole validation set)
+    fid: bool = True  # rFID/rKID in the final evaluation
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"] = self.model.to_dict()
+        return json.loads(json.dumps(out))  # tuples -> lists
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, data, "")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    if cls is TokenizerConfig:
+        return TokenizerConfig.from_dict(data)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys here: {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if name in known else None
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, f"{where}{name}.")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            values[name] = tuple(value)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"optim.lr=1e-4" -> (["optim", "lr"], 0.0001); the value is read as YAML (numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value (e.g. optim.lr=1e-4), got {text!r}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return key.strip().split("."), value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (or `base`, a saved config dict), with `key=value` overrides applied."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found (the shipped ones are in configs/)")
+        data = yaml.safe_load(path.read_text()) or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {text}: {key} is not a section")
+        node[keys[-1]] = value
+    return TrainConfig.from_dict(data)
