@@ -33,7 +33,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
   vqtok train --out runs/demo --resume                      # continue a run from its last complete checkpoint
   torchrun --nproc_per_node 8 -m vqtok.cli train --config configs/imagenet-f16-ibq.yaml --data /data/imagenet \\
       --out runs/ibq""")
-    p.add_argument("--config", type=Path, help="YAML config (configs/*.yaml); with --resume, the run's own config")
+    p.add_argument("--config", type=Path,
+                   help="YAML config (configs/*.yaml); without it, the defaults; with --resume, the run's own config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-4 --set data.batch_size=8 (repeatable)")
     p.add_argument("--data", help="shortcut for --set data.source=SOURCE (photos, fashion-mnist or a folder)")
@@ -58,11 +59,8 @@ def run_train(args: argparse.Namespace) -> int:
         base = json.loads(saved.read_text())
         base = {k: v for k, v in base.items() if k not in ("data_description", "world_size")}
         config = load_config(args.config, overrides, base=None if args.config else base)
-    elif args.config is None:
-        print("error: --config is required for a new run (see configs/), or pass --resume", file=sys.stderr)
-        return 2
     else:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides)  # no --config: the defaults, with the --set overrides
     summary = train(config, args.out, resume=args.resume, until=args.until, progress=not args.no_progress)
     metrics = summary.get("metrics")
     if metrics is not None:
