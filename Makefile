@@ -24,9 +24,15 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The demo trains and evaluates (the trainer's final evaluation writes metrics.json, report.md and the PNGs).
+# Run again, it continues an interrupted run or re-evaluates a finished one; it never overwrites runs/demo.
 demo: install
-	$(VENV)/bin/vqtok train --config configs/demo.yaml --out runs/demo
-	$(VENV)/bin/vqtok eval runs/demo
+	if [ -f runs/demo/trainer.pt ]; then \
+		$(VENV)/bin/vqtok train --out runs/demo --resume; \
+	else \
+		$(VENV)/bin/vqtok train --config configs/demo.yaml --out runs/demo; \
+	fi
+	@echo "report: runs/demo/report.md"
 
 bench: install
 	$(PY) -m pip install -q -e ".[dev,bench]"

@@ -82,6 +82,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_images: int | None = 256  # images for the periodic and final evaluation (None: the whole validation set)
     fid: bool = True  # rFID/rKID in the final evaluation
+    fid_images: int | None = None  # rFID/rKID on the first N evaluated images (None: all); usage/PSNR cover all
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
     def to_dict(self) -> dict[str, Any]:

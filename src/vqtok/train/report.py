@@ -60,8 +60,19 @@ METRIC_MEANING = [
     ("ssim", "structural similarity, Gaussian window 11 / 1.5, RGB in [0, 1] (higher is better)"),
     ("rfid", "Frechet Inception distance, reconstructions vs originals (lower is better; biased at few images)"),
     ("rkid", "kernel Inception distance, unbiased (lower is better)"),
+    ("rkid_std", "standard deviation of rKID over its subsets"),
+    ("fid_images", "images rFID and rKID were computed on"),
     ("lpips", "LPIPS-VGG distance (null: its weights are not installed)"),
 ]
+
+
+def write_run_report(run_dir: Path, model: Any, dataset: Dataset, metrics: dict[str, Any],
+                     usage: CodeUsage | None) -> Path:
+    """report.md with reconstructions.png and (given the training histogram) usage.png, in run_dir."""
+    save_reconstruction_grid(model, dataset, Path(run_dir) / RECONSTRUCTIONS)
+    if usage is not None and usage.tokens:
+        save_usage_plot(usage, Path(run_dir) / USAGE_PLOT, "last training epoch")
+    return write_report(run_dir, metrics, usage)
 
 
 def write_report(run_dir: Path, metrics: dict[str, Any], usage: CodeUsage | None = None) -> Path:

@@ -48,7 +48,7 @@ from ..models.tokenizer import CONFIG_FILE, atomic_write_bytes
 from ..usage import CodeUsage
 from .checkpoint import TRAINER_FILE, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .report import RECONSTRUCTIONS, USAGE_PLOT, save_reconstruction_grid, save_usage_plot, write_report
+from .report import write_run_report
 
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 G_LOSSES = {"hinge": hinge_g_loss, "non-saturating": non_saturating_g_loss}
@@ -195,9 +195,12 @@ class Trainer:
     def _dataset(self, split: str) -> Dataset:
         from ..data import build_dataset
 
+        from ..metrics.command import VAL_SEED
+
         data = self.config.data
-        length = data.train_length if split == "train" else data.val_length
-        return build_dataset(data.source, split, size=data.size, length=length, seed=self.config.seed)
+        if split == "train":
+            return build_dataset(data.source, split, size=data.size, length=data.train_length, seed=self.config.seed)
+        return build_dataset(data.source, split, size=data.size, length=data.val_length, seed=VAL_SEED)
 
     def _start_run_dir(self) -> None:
         if latest_checkpoint(self.run_dir) is not None:
@@ -422,13 +425,12 @@ class Trainer:
                 model, val, batch_size=self.config.data.batch_size, device=self.device,
                 fid=self.config.fid and final, max_images=self.config.eval_images, usage_train=usage_train,
                 out=self.run_dir / "metrics.json" if final else None, progress=self.progress and final,
+                fid_images=self.config.fid_images,
             )
             self._log({"event": "eval", "step": self.position.step, "final": final,
                        **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}})
             if final:
-                save_reconstruction_grid(model, val, self.run_dir / RECONSTRUCTIONS)
-                save_usage_plot(usage_train, self.run_dir / USAGE_PLOT, "last training epoch")
-                write_report(self.run_dir, metrics, usage_train)
+                write_run_report(self.run_dir, model, val, metrics, usage_train)
         D.barrier()
         return metrics
 

@@ -1,0 +1,125 @@
+"""`vqtok eval RUN_DIR [--data SOURCE]`: evaluate a trained tokenizer, print the table, write RUN_DIR/metrics.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..usage import CodeUsage
+
+log = logging.getLogger("vqtok.metrics")
+VAL_SEED = 0  # validation crops are the same whatever the training seed, so runs compare on the same images
+
+EPILOG = """examples:
+  vqtok eval runs/demo                                  # the run's own validation data, as training evaluated it
+  vqtok eval runs/demo --data fashion-mnist --max-images 2000
+  vqtok eval runs/lc --data /data/imagenet --size 256 --device cuda --workers 8
+  vqtok eval runs/demo --no-fid                         # skip rFID/rKID (the slow part on a CPU)
+
+The data defaults to the run's config.json "data" (source, size, val_length), and the image counts to its
+eval_images and fid_images, so the numbers match the final evaluation of training. metrics.json holds every number with its
+protocol (data, crop, resize, reference set, Inception weights' sha256)."""
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a trained tokenizer: PSNR, SSIM, LPIPS, rFID, rKID, code usage",
+        description="Reconstruct the evaluation set once with a trained tokenizer, print the metrics table and write "
+                    "RUN_DIR/metrics.json.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="run directory (config.json + model.safetensors)")
+    p.add_argument("--data", help="photos, fashion-mnist or a folder of images (default: the run's data source)")
+    p.add_argument("--split", default="val", help="train or val (default val)")
+    p.add_argument("--size", type=int, help="crop size in pixels (default: the run's data size)")
+    p.add_argument("--max-images", type=int, help="evaluate the first N images (default: the run's eval_images)")
+    p.add_argument("--all", action="store_true", help="evaluate every image of the split (ignore eval_images)")
+    p.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
+                   help="model.safetensors or the weight EMA (default auto: ema.safetensors when present)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID and rKID")
+    p.add_argument("--fid-images", type=int,
+                   help="compute rFID/rKID on the first N evaluated images (default: the run's fid_images, else all)")
+    p.add_argument("--lpips-weights", help="folder holding vgg16-397923af.pth and LPIPS's vgg.pth")
+    p.add_argument("--out", type=Path, help="where to write the metrics (default RUN_DIR/metrics.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        print(f"vqtok eval: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..data import build_dataset
+    from ..models import Tokenizer
+    from . import evaluate, format_table, write_metrics
+
+    config = read_run_config(args.run_dir)
+    data = config.get("data") or {}
+    source = args.data or data.get("source") or "photos"
+    same_source = args.data is None or args.data == data.get("source")
+    size = args.size or data.get("size")
+    length = data.get("val_length") if same_source and args.split != "train" else None
+    dataset = build_dataset(source, args.split, size=size, length=length, seed=VAL_SEED, train_crops=False)
+    max_images = None if args.all else (args.max_images or config.get("eval_images"))
+    usage_train = training_usage(args.run_dir)
+    ema = args.weights == "ema" or (args.weights == "auto" and (args.run_dir / "ema.safetensors").is_file())
+    model = Tokenizer.from_pretrained(args.run_dir, ema=ema)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=pick_device(args.device),
+                       num_workers=args.workers, fid=not args.no_fid, max_images=max_images,
+                       usage_train=usage_train, progress=not args.no_progress,
+                       lpips_weights=args.lpips_weights, fid_images=args.fid_images or config.get("fid_images"))
+    metrics["protocol"]["model"] = {"run_dir": str(args.run_dir), "weights": "ema.safetensors" if ema
+                                    else "model.safetensors"}
+    out = write_metrics(metrics, args.out or args.run_dir / "metrics.json")
+    if args.out is None:  # the run's own evaluation: refresh its report and pictures too
+        from ..train.report import write_run_report
+
+        write_run_report(args.run_dir, model, dataset, metrics, usage_train)
+    print(format_table(metrics))
+    print(f"wrote {out}")
+    return 0
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """run_dir/config.json as a dict, or a clear error when run_dir is not a run directory."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a vqtok run directory (vqtok train --out)?")
+    return json.loads(path.read_text())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def training_usage(run_dir: Path) -> CodeUsage | None:
+    """The training code histogram from run_dir/trainer.pt, as the trainer's own final evaluation takes it: the last
+    complete epoch ("usage_train"), else the epoch in progress ("usage_epoch"); None when the run has none."""
+    path = run_dir / "trainer.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # holds numpy RNG state: not weights-only
+        for key in ("usage_train", "usage_epoch"):
+            usage = CodeUsage(int(state[key]["codebook_size"]))
+            usage.load_state_dict(state[key])
+            if usage.tokens:
+                return usage
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        log.warning("no training usage in %s (%s): utilization_train is null", path, error)
+    return None
