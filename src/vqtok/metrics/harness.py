@@ -212,7 +212,7 @@ def _remember(fingerprint: str, features: Tensor) -> None:
 
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> Path:
     """Write metrics.json atomically (temporary file, then rename); non-finite numbers become null."""
-    from ..models.tokenizer import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -11,7 +11,6 @@ codebook file (DESIGN.md, "Tokenizer").
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..io import atomic_write_bytes, load_state_dict, save_state_dict
 from ..quantize import QuantizeOutput, build_quantizer
 from .autoencoder import AutoencoderConfig, Decoder, Encoder, get_preset
 
@@ -167,12 +167,21 @@ class Tokenizer(nn.Module):
             save_state_dict(ema_state_dict, run_dir / EMA_FILE)
         config_path = run_dir / CONFIG_FILE
         data = json.loads(config_path.read_text()) if config_path.exists() else {}
-        data["model"] = self.config.to_dict()
+        data["model"] = self.resolved_config()
         atomic_write_bytes(config_path, (json.dumps(data, indent=2) + "\n").encode())
 
+    def resolved_config(self) -> dict[str, Any]:
+        """config.json's "model" section: the TokenizerConfig plus the quantizer's resolved options (its defaults,
+        lc's codebook_dim), so that a later vqtok with other defaults still rebuilds this exact model."""
+        model = self.config.to_dict()
+        resolved = {k: _jsonable(k, v) for k, v in self.quantizer.extra_config().items()}
+        model["quantizer_options"] = {**model["quantizer_options"], **resolved}
+        return model
+
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, ema: bool = False, map_location: str = "cpu") -> "Tokenizer":
-        """Rebuild from config.json["model"] and load model.safetensors (ema.safetensors when ema=True) strictly."""
+    def from_pretrained(cls, run_dir: str | Path, ema: bool = False, device: str | torch.device = "cpu") -> "Tokenizer":
+        """Rebuild from config.json["model"], load model.safetensors (ema.safetensors when ema=True) strictly, and
+        move the model to `device`."""
         run_dir = Path(run_dir)
         config_path = run_dir / CONFIG_FILE
         if not config_path.is_file():
@@ -185,10 +194,10 @@ class Tokenizer(nn.Module):
         if not weights.is_file():
             hint = "train with weight EMA on, or load with ema=False" if ema else "the run saved no weights yet"
             raise FileNotFoundError(f"{weights} not found ({hint})")
-        state = load_state_dict(weights, map_location)
+        state = load_state_dict(weights)
         model = cls(config, **_rebuild_overrides(config, state))
         model.load_state_dict(state, strict=True)
-        return model
+        return model.to(device)
 
 
 def _rebuild_overrides(config: TokenizerConfig, state: dict[str, Tensor]) -> dict[str, Any]:
@@ -213,32 +222,3 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files.
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to path.tmp-PID, flush it to disk, then rename over `path` (atomic on POSIX)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_state_dict(state: dict[str, Tensor], path: str | Path) -> None:
-    """Save a state dict as safetensors atomically. safetensors refuses shared or non-contiguous tensors, so each
-    tensor is written as its own contiguous CPU copy (tied weights are stored twice and load back correctly)."""
-    from safetensors.torch import save
-
-    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
-    atomic_write_bytes(Path(path), save(tensors))
-
-
-def load_state_dict(path: str | Path, map_location: str = "cpu") -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device=str(map_location))

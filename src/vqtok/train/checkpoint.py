@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..models.tokenizer import EMA_FILE, MODEL_FILE, save_state_dict
+from ..io import save_state_dict
+from ..models.tokenizer import EMA_FILE, MODEL_FILE
 
 TRAINER_FILE = "trainer.pt"
 CHECKPOINTS = "checkpoints"

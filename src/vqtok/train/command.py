@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.tokenizer import CONFIG_FILE, atomic_write_bytes
+from ..io import atomic_write_bytes
+from ..models.tokenizer import CONFIG_FILE
 
 INDEX_FILE = "index.json"
 

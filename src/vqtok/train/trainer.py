@@ -44,7 +44,8 @@ from ..models import (
     non_saturating_g_loss,
     vanilla_d_loss,
 )
-from ..models.tokenizer import CONFIG_FILE, atomic_write_bytes
+from ..io import atomic_write_bytes
+from ..models.tokenizer import CONFIG_FILE
 from ..usage import CodeUsage
 from .checkpoint import TRAINER_FILE, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -239,7 +240,8 @@ class Trainer:
         D.barrier()
 
     def _resume(self) -> None:
-        from ..models.tokenizer import EMA_FILE, MODEL_FILE, load_state_dict
+        from ..io import load_state_dict
+        from ..models.tokenizer import EMA_FILE, MODEL_FILE
 
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
