@@ -156,10 +156,11 @@ class Trainer:
         from ..codebook import build_codebook
 
         cb = self.config.codebook
-        kwargs = dict(encoder=cb.encoder, source=cb.source or self.config.data.source, size=model.codebook_size,
-                      method=cb.method, seed=cb.seed, crops=cb.crops, crop_size=self.config.data.size,
-                      cache_dir=cb.cache_dir, progress=self.progress and self.is_main)
-        out = Path(cb.cache_dir) / "lc-codebook.safetensors"
+        source = cb.source or self.config.data.source
+        kwargs = dict(encoder=cb.encoder, source=source, size=model.codebook_size, method=cb.method, seed=cb.seed,
+                      crops=cb.crops, cache_dir=cb.cache_dir, progress=self.progress and self.is_main)
+        name = f"{cb.encoder}-{Path(source).name}-{cb.method}-{model.codebook_size}-seed{cb.seed}.safetensors"
+        out = Path(cb.cache_dir) / name  # the builder reuses it when its recorded request matches
         if self.is_main:
             path = build_codebook(out=out, **kwargs)
         D.barrier()
