@@ -212,7 +212,7 @@ def test_lc_reads_a_safetensors_codebook(tmp_path):
     codebook = torch.randn(K, F_LC)
     path = tmp_path / "codebook.safetensors"
     save_file({"codebook": codebook}, str(path), metadata={"encoder": "test"})
-    q = build_quantizer("lc", codebook_size=K, dim=D, codebook=str(path))
+    q = build_quantizer("lc", codebook_size=K, dim=D, codebook=str(path), standardize=False)
     assert torch.equal(q.codebook, codebook)
     with pytest.raises(ValueError, match="codebook_size"):
         build_quantizer("lc", codebook_size=K + 1, dim=D, codebook=path)
@@ -287,3 +287,18 @@ def test_ibq_eval_loss_equals_training_quantization_terms():
     z = torch.randn(2, D, 4, 4)
     train_loss, eval_loss = q.train()(z).loss, q.eval()(z).loss
     assert torch.allclose(train_loss, eval_loss, atol=1e-6)
+
+
+def test_lc_standardize_is_an_affine_map_the_projector_absorbs():
+    torch.manual_seed(0)
+    raw = torch.rand(K, F_LC) * 30 + 5  # positive, large: like ReLU features
+    standard = build_quantizer("lc", codebook_size=K, dim=D, codebook=raw)
+    assert torch.allclose(standard.codebook.mean(0), torch.zeros(F_LC), atol=1e-5)
+    assert float(standard.codebook.norm(dim=1).mean()) == pytest.approx(1.0, rel=1e-5)
+    # raw = a * standard + m: a projector W' = a W, b' = W m + b on the raw features gives the same codes
+    m, a = raw.double().mean(0), (raw.double() - raw.double().mean(0)).norm(dim=1).mean()
+    plain = build_quantizer("lc", codebook_size=K, dim=D, codebook=raw, standardize=False)
+    with torch.no_grad():
+        plain.projector.weight.copy_(standard.projector.weight / a)
+        plain.projector.bias.copy_(standard.projector.bias - (standard.projector.weight.double() @ (m / a)).float())
+    assert torch.allclose(plain.codebook_vectors(), standard.codebook_vectors(), atol=1e-4)

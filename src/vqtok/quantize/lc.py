@@ -5,6 +5,13 @@ and stays FROZEN; only a projector P = Linear(F -> D) with bias is trained (weig
 code). The projected codebook P(C) is recomputed every forward, so every code moves whenever P does: that is why
 99.9% of 100,000 codes stay in use. Lookup is squared L2 between z and P(C) (the paper's text says cosine; the code
 is L2); straight-through; L_Q = 1.0 * ||sg(e) - z||^2 + 0.33 * ||e - sg(z)||^2, the second term training P.
+
+Choice (`standardize=True`, the default): the features are centred and scaled to unit mean norm when the quantizer
+is built. That affine map is absorbed exactly by the Linear projector (bias and weight), so the method and what it
+can learn are unchanged; only the starting point moves. The released code projects raw CLIP features; with
+other encoders the raw scale is arbitrary (efficientnet-lite0 features have norm ~50), and then every projected code
+starts far from the encoder's outputs: measured with the tiny preset, 1 of 20,000 codes was used at initialisation
+with raw features, 1,779 with standardised ones. `standardize=False` reproduces the released code.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ def read_codebook_file(path: str | Path) -> tuple[Tensor, dict[str, str]]:
         return f.get_tensor(CODEBOOK_KEY), dict(f.metadata() or {})
 
 
+def standardized(features: Tensor) -> Tensor:
+    """Features centred and scaled so the mean row norm is 1 (computed in float64 for 1,000,000 x 1,024 tables)."""
+    centred = features.double() - features.double().mean(dim=0)
+    scale = centred.norm(dim=1).mean().clamp_min(1e-12)
+    return (centred / scale).float().contiguous()
+
+
 @register("lc")
 class LCQuantizer(Quantizer):
     def __init__(
@@ -46,11 +60,16 @@ class LCQuantizer(Quantizer):
         codebook_dim: int | None = None,
         commitment_weight: float = 1.0,
         codebook_weight: float = 0.33,
+        standardize: bool = True,
     ) -> None:
         """codebook: a (K, F) tensor or a .safetensors path; None builds an empty (K, codebook_dim) buffer that
-        `load_state_dict` fills (how a saved tokenizer is rebuilt without the original file)."""
+        `load_state_dict` fills (how a saved tokenizer is rebuilt without the original file). standardize: centre the
+        features and scale them to unit mean norm (see the module docstring)."""
         super().__init__(codebook_size, dim)
         features = self._initial_codebook(codebook, codebook_size, codebook_dim)  # (K, F)
+        self.standardize = bool(standardize)
+        if self.standardize and codebook is not None:
+            features = standardized(features)
         self.commitment_weight = float(commitment_weight)
         self.codebook_weight = float(codebook_weight)
         self.register_buffer("codebook", features)  # frozen: a buffer, never a parameter
@@ -83,6 +102,7 @@ class LCQuantizer(Quantizer):
             "codebook_dim": int(self.codebook.shape[1]),
             "commitment_weight": self.commitment_weight,
             "codebook_weight": self.codebook_weight,
+            "standardize": self.standardize,
         }
 
     def codebook_vectors(self) -> Tensor:
