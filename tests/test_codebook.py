@@ -1,0 +1,193 @@
+"""Feature extraction to shards, codebook files, `build_codebook` end to end and `vqtok codebook build`."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+import vqtok
+from vqtok.codebook import (FeatureEncoder, FeatureShards, assign, extract_features, load_codebook, pool_to_grid,
+                            save_codebook)
+from vqtok.codebook.build import build_codebook
+from vqtok.codebook.command import add_subcommand
+
+
+class PixelEncoder(FeatureEncoder):
+    """Feature map = the image itself, 2x2-average-pooled (F = 3): makes pooled features checkable by hand."""
+
+    def __init__(self) -> None:
+        super().__init__("pixels", "identity", 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None, 8)
+        self.calls = 0
+
+    def encode(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return F.avg_pool2d(x, 2)
+
+
+class TensorImages(Dataset):
+    """n random images (3, 8, 8) with labels i % 3."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.images = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], i % 3
+
+
+def test_pool_to_grid_averages_cells_image_major_row_major() -> None:
+    fmap = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    rows = pool_to_grid(fmap, 2)  # (2 * 4, 1)
+    assert rows.flatten().tolist() == [2.5, 4.5, 10.5, 12.5, 18.5, 20.5, 26.5, 28.5]
+    with pytest.raises(ValueError, match="smaller than the 8x8 grid"):
+        pool_to_grid(fmap, 8)
+
+
+def test_extract_features_writes_pooled_rows_and_labels(tmp_path) -> None:
+    data = TensorImages(10)
+    shards = extract_features(PixelEncoder(), data, grid=2, batch_size=4, out_dir=tmp_path, progress=False,
+                              shard_images=4)
+    features, labels = shards.load()
+    assert features.shape == (10 * 4, 3) and len(shards) == 40
+    expected = F.adaptive_avg_pool2d(data.images, 2).permute(0, 2, 3, 1).reshape(40, 3)  # cells of 4x4 pixels
+    np.testing.assert_allclose(features, expected.numpy(), atol=1e-6)
+    assert labels.tolist() == [i % 3 for i in range(10) for _ in range(4)]
+
+
+def test_ranks_split_the_shards_and_together_equal_one_process(tmp_path) -> None:
+    data = TensorImages(11)
+    whole = extract_features(PixelEncoder(), data, grid=2, out_dir=tmp_path / "one", progress=False, shard_images=3)
+    for rank in (0, 1):
+        part = extract_features(PixelEncoder(), data, grid=2, out_dir=tmp_path / "two", rank=rank, world_size=2,
+                                progress=False, shard_images=3)
+        assert part.missing() == ([1, 3] if rank == 0 else [])  # rank 0 wrote shards 0 and 2 only
+    np.testing.assert_array_equal(part.load()[0], whole.load()[0])
+
+
+def test_extraction_resumes_at_the_missing_shard(tmp_path) -> None:
+    data = TensorImages(12)
+    first = extract_features(PixelEncoder(), data, grid=2, batch_size=2, out_dir=tmp_path, progress=False,
+                             shard_images=4)
+    reference = first.load()[0]
+    first.shard_path(1).unlink()  # as if killed while writing shard 1
+    encoder = PixelEncoder()
+    resumed = extract_features(encoder, data, grid=2, batch_size=2, out_dir=tmp_path, progress=False, shard_images=4)
+    assert encoder.calls == 2  # the 4 images of shard 1, in batches of 2
+    np.testing.assert_array_equal(resumed.load()[0], reference)
+    with pytest.raises(ValueError, match="different extraction"):
+        extract_features(PixelEncoder(), data, grid=1, out_dir=tmp_path, progress=False, shard_images=4)
+
+
+def test_save_and_load_keep_the_codebook_and_string_metadata(tmp_path) -> None:
+    codebook = torch.randn(7, 5)
+    path = save_codebook(tmp_path / "cb.safetensors", codebook, {"encoder": "mobilenetv2", "seed": 3, "grid": 4})
+    loaded, meta = load_codebook(path)
+    torch.testing.assert_close(loaded, codebook)
+    assert meta["encoder"] == "mobilenetv2" and meta["seed"] == "3" and meta["codebook_size"] == "7"
+    assert meta["feature_dim"] == "5" and meta["vqtok_version"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cb.safetensors"]  # the temporary file was renamed
+    with pytest.raises(ValueError, match="NaN"):
+        save_codebook(tmp_path / "bad.safetensors", torch.full((2, 2), float("nan")), {})
+
+
+@pytest.fixture(scope="module")
+def photo_codebook(tmp_path_factory) -> tuple:
+    """A 48-code codebook from 64 photo crops of 64 px, efficientnet-lite0 features pooled 2x2 (256 features)."""
+    root = tmp_path_factory.mktemp("codebook")
+    options = dict(encoder="efficientnet-lite0", source="photos", size=48, crops=64, crop_size=64, grid=2,
+                   cache_dir=root / "cache", progress=False)
+    path = build_codebook(out=root / "a.safetensors", **options)
+    return path, options, root
+
+
+def test_build_codebook_writes_k_centres_and_its_recipe(photo_codebook) -> None:
+    path, _, _ = photo_codebook
+    codebook, meta = load_codebook(path)
+    assert codebook.shape == (48, 320) and codebook.dtype == torch.float32
+    assert {k: meta[k] for k in ("encoder", "layer", "pooling", "source", "codebook_size", "method", "seed",
+                                 "feature_dim", "num_features")} == {
+        "encoder": "efficientnet-lite0", "layer": "block15", "pooling": "avg 2x2", "source": "photos",
+        "codebook_size": "48", "method": "two-level", "seed": "0", "feature_dim": "320", "num_features": "256"}
+
+
+def test_same_request_same_codebook_and_the_file_is_reused(photo_codebook, monkeypatch) -> None:
+    path, options, root = photo_codebook
+    again = build_codebook(out=root / "b.safetensors", **options)  # features from the cache, clustering redone
+    torch.testing.assert_close(load_codebook(again)[0], load_codebook(path)[0], rtol=0, atol=0)
+    import vqtok.codebook.build as build_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an identical request rebuilt the codebook")
+
+    monkeypatch.setattr(build_module, "build_encoder", must_not_run)
+    assert build_codebook(out=path, **options) == path
+    with pytest.raises(AssertionError, match="rebuilt"):
+        build_codebook(out=path, **(options | {"seed": 1}))
+
+
+def test_lc_quantizer_reads_the_built_file(photo_codebook) -> None:
+    path, _, _ = photo_codebook
+    raw = vqtok.build_quantizer("lc", codebook_size=48, dim=8, codebook=path, standardize=False)
+    torch.testing.assert_close(raw.codebook, load_codebook(path)[0], rtol=0, atol=0)
+    q = vqtok.build_quantizer("lc", codebook_size=48, dim=8, codebook=path)  # the default: standardised features
+    assert q.codebook.shape == (48, 320)
+    out = q(torch.randn(2, 8, 3, 3))
+    assert out.indices.shape == (2, 3, 3) and int(out.indices.max()) < 48
+
+
+def test_per_class_on_a_labelled_folder_gives_each_class_k_over_classes_codes(tmp_path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", [200, 30, 30]), ("sky", [40, 90, 220])):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(5):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    path = build_codebook(encoder="mobilenetv2", source=str(tmp_path / "data"), size=6, method="per-class",
+                          crop_size=64, grid=2, out=tmp_path / "cb.safetensors", cache_dir=tmp_path / "cache",
+                          progress=False)
+    features, labels = FeatureShards(next((tmp_path / "cache").glob("features-*"))).load()  # (10 * 4, 320)
+    assert features.shape == (40, 320) and sorted(set(labels.tolist())) == [0, 1]
+    class_means = np.stack([features[labels == c].mean(0) for c in (0, 1)])
+    _, nearest_class = assign(load_codebook(path)[0].numpy(), class_means)
+    assert np.bincount(nearest_class, minlength=2).tolist() == [3, 3]
+
+
+def test_too_few_features_for_k_is_refused_before_extraction(tmp_path) -> None:
+    with pytest.raises(ValueError, match="at least 100 crops"):
+        build_codebook(source="photos", size=1600, crops=10, grid=4, out=tmp_path / "x.safetensors",
+                       cache_dir=tmp_path, progress=False)
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vqtok")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_command_builds_the_codebook(tmp_path, capsys) -> None:
+    out = tmp_path / "cb.safetensors"
+    args = _cli(["codebook", "build", "--encoder", "mobilenetv2", "--data", "photos", "--size", "20", "--method",
+                 "kmeans", "--crops", "16", "--crop-size", "64", "--grid", "2", "--out", str(out), "--seed", "1",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert args.func(args) == 0
+    codebook, meta = load_codebook(out)
+    assert codebook.shape == (20, 320) and meta["method"] == "kmeans" and meta["seed"] == "1"
+    assert "20 x 320 codebook" in capsys.readouterr().out
+    bad = _cli(["codebook", "build", "--method", "agglomerative", "--out", str(out), "--no-progress"])
+    assert bad.func(bad) == 2 and "choose one of" in capsys.readouterr().err
+
+
+def test_command_help_has_an_example(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _cli(["codebook", "build", "--help"])
+    assert "vqtok codebook build --encoder efficientnet-lite0 --data photos" in capsys.readouterr().out
