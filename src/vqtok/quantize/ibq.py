@@ -61,9 +61,11 @@ class IBQuantizer(Quantizer):
         reduced_weight: float = 0.25,
         entropy_weight: float = 0.05,
         entropy_temperature: float = 0.01,
+        kernel: str = "auto",
     ) -> None:
         """loss_convention: where `reduced_weight` sits, on the codebook term ("code") or the commitment term
-        ("paper"); entropy_weight 0 disables the entropy penalty."""
+        ("paper"); entropy_weight 0 disables the entropy penalty. kernel: "chunked" (ibq_kernel.py, no (N, K)
+        tensor), "dense" (ibq_dense) or "auto" (dense while N x K is small, chunked beyond)."""
         super().__init__(codebook_size, dim)
         if loss_convention not in ("code", "paper"):
             raise ValueError(f"loss_convention must be 'code' (SEED-Voken) or 'paper' (Eq. 10), got {loss_convention!r}")
@@ -73,6 +75,9 @@ class IBQuantizer(Quantizer):
         self.reduced_weight = float(reduced_weight)
         self.entropy_weight = float(entropy_weight)
         self.entropy_temperature = float(entropy_temperature)
+        if kernel not in ("auto", "chunked", "dense"):
+            raise ValueError(f"kernel must be 'auto', 'chunked' (no (N, K) tensor) or 'dense', got {kernel!r}")
+        self.kernel = kernel
         self.codebook = nn.Parameter(torch.randn(codebook_size, dim))  # (K, D) ~ N(0, 1)
 
     def extra_config(self) -> dict[str, Any]:
@@ -81,6 +86,7 @@ class IBQuantizer(Quantizer):
             "reduced_weight": self.reduced_weight,
             "entropy_weight": self.entropy_weight,
             "entropy_temperature": self.entropy_temperature,
+            "kernel": self.kernel,
         }
 
     def codebook_vectors(self) -> Tensor:
@@ -88,7 +94,13 @@ class IBQuantizer(Quantizer):
 
     def ibq_step(self, z: Tensor, codebook: Tensor) -> IBQResult:
         """The whole differentiable IBQ computation, behind one call so a fused kernel can stand in for it."""
-        return ibq_dense(z, codebook, self.entropy_temperature)
+        from .ibq_kernel import DENSE_MAX_ELEMENTS, ibq_chunked  # imported here: ibq_kernel imports this module
+
+        dense = self.kernel == "dense" or (self.kernel == "auto" and z.shape[0] * codebook.shape[0] <= DENSE_MAX_ELEMENTS)
+        if dense:
+            return ibq_dense(z, codebook, self.entropy_temperature)
+        # Without the penalty the entropies are never read: skip the pass and the terms they need (they come back NaN).
+        return ibq_chunked(z, codebook, self.entropy_temperature, entropy=self.entropy_weight > 0)
 
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         codebook = self.codebook_vectors()  # (K, D)

@@ -1,0 +1,491 @@
+"""Kernel benchmarks behind `vqtok bench quantize`: the chunked kernels against the dense reference and baselines.
+
+For each row (method, codebook size K, dim D) it times, interleaved in one loop so that a shared machine's load hits
+every path alike, and takes the median of the repeats:
+- chunked: the quantizer as shipped (quantize/search.py, quantize/ibq_kernel.py);
+- dense: the same quantizer on the dense reference (`search_mode("dense")`, ibq kernel="dense");
+- vqp: vector-quantize-pytorch's VectorQuantize(dim=D, codebook_size=K), when installed (the `bench` extra);
+- faiss: faiss-cpu's exact search (IndexFlatL2; IndexFlatIP for ibq, whose lookup is a maximum inner product);
+- cdist (the "search" rows): torch.cdist + argmin, the dense path the issue's D = 8 target is stated against;
+- matmul: the bare z @ E^T of the same shape, the floor any exact method pays.
+"forward" is a training-mode forward (the graph is built), "forward_backward" adds loss.backward(); the search rows
+time `nearest_code` alone. Peak extra memory is the resident-set high-water mark above the resident set before the
+call (Linux: /proc/self/clear_refs resets VmHWM; malloc_trim first returns freed heap pages, so memory the allocator
+kept from earlier calls is not silently reused); it sees every allocator (torch, numpy, numba, faiss).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .quantize import build_quantizer
+from .quantize.ibq import ibq_dense
+from .quantize.ibq_kernel import ibq_chunked
+from .quantize.search import nearest_code, search_mode
+
+METHODS = ("search", "vq", "fc", "ema", "lc", "ibq")
+EXTRA_METHODS = ("ibq_step",)  # the IBQ step alone (ibq_kernel vs ibq_dense, with the penalty): not run by default
+SIZES = (1024, 16_384, 100_000, 262_144, 1_048_576)
+DIMS = (8, 256)
+NATURAL_DIMS = {"search": (8, 256), "vq": (256,), "fc": (8,), "ema": (256,), "lc": (8,), "ibq": (256,),
+                "ibq_step": (256,)}
+QUICK = {"sizes": (512, 2048), "dims": (8, 32), "tokens": 64, "repeats": 1}
+DENSE_MAX_CODES = 262_144  # the issue's grid: larger sizes run the chunked paths (plus faiss and matmul) only
+# Predicted peak of the dense paths, in units of one (N, K) fp32 matrix (ibq: 9.8 GiB at N = 4096, K = 100,000).
+DENSE_FACTOR = {"search": 3, "cdist": 2, "vq": 3, "fc": 3, "ema": 3, "lc": 3, "ibq": 6.5, "ibq_step": 6.5, "vqp": 6.5}
+LC_FEATURES = 768  # VQGAN-LC's codebook: CLIP ViT-L/14 features
+MIB = 2**20
+
+
+@dataclass
+class BenchConfig:
+    """What `run_quantize_bench` measures. dims=None runs each method at its natural dims (NATURAL_DIMS)."""
+
+    methods: tuple[str, ...] = METHODS
+    sizes: tuple[int, ...] = SIZES
+    dims: tuple[int, ...] | None = None
+    tokens: int = 4096
+    repeats: int = 3
+    slow_seconds: float = 2.0  # a call at least this slow keeps its warm-up run as a sample (saves one run)
+    row_seconds: float = 30.0  # no new round of repeats starts once a row has run this long
+    max_dense_gib: float = 12.0
+    lc_features: int = LC_FEATURES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS + EXTRA_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS + EXTRA_METHODS)}")
+        if self.slow_seconds < 0 or self.row_seconds < 0 or self.max_dense_gib < 0:
+            raise ValueError("slow_seconds, row_seconds and max_dense_gib must not be negative")
+        if self.tokens < 1 or self.repeats < 1 or not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"tokens, repeats and sizes must be positive, got tokens={self.tokens}, "
+                             f"repeats={self.repeats}, sizes={self.sizes}")
+        if self.dims is not None and (not self.dims or min(self.dims) < 1):
+            raise ValueError(f"dims must be positive, got {self.dims}")
+
+    def cells(self) -> list[tuple[str, int, int]]:
+        """(method, K, D) rows in run order: by size, then method, then dim."""
+        return [(m, K, D) for K in self.sizes for m in self.methods
+                for D in (self.dims if self.dims is not None else NATURAL_DIMS[m])]
+
+
+# -- memory -----------------------------------------------------------------------------------------------------
+def _status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+MEMORY_METHOD = ("RSS high-water mark (VmHWM reset via /proc/self/clear_refs after malloc_trim) minus RSS before "
+                 "the call, in the benchmark process")
+
+
+def measure(fn: Callable[[], Any], memory: bool) -> tuple[float, float | None]:
+    """(seconds, peak extra MiB or None) of one call of fn."""
+    peak_ok = False
+    if memory:
+        gc.collect()
+        _malloc_trim()
+        before = _status_kib("VmRSS")
+        peak_ok = before is not None and _reset_peak()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    if not peak_ok:
+        return seconds, None
+    return seconds, max(0, (_status_kib("VmHWM") or 0) - before) / 1024
+
+
+# -- the paths ----------------------------------------------------------------------------------------------------
+@dataclass
+class _Timed:
+    """One thing timed in a row: `phases` maps "forward" / "forward_backward" to a call."""
+
+    name: str
+    phases: dict[str, Callable[[], Any]]
+    forward_ms: list[float] = field(default_factory=list)
+    forward_backward_ms: list[float] = field(default_factory=list)
+    peak_mib: float | None = None
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+        return {"forward_ms": med(self.forward_ms), "forward_backward_ms": med(self.forward_backward_ms),
+                "peak_mib": None if self.peak_mib is None else round(self.peak_mib, 1),
+                "samples": max(len(self.forward_ms), len(self.forward_backward_ms)), "error": self.error}
+
+
+def _z_shape(tokens: int, dim: int) -> tuple[int, int, int, int]:
+    """(B, D, H, W) holding `tokens` tokens: 16 x 16 maps where they divide, else a (N, D, 1, 1) batch."""
+    return (tokens // 256, dim, 16, 16) if tokens % 256 == 0 else (tokens, dim, 1, 1)
+
+
+def _quantizer_phases(q: torch.nn.Module, z: Tensor, grad: Tensor, mode: str | None) -> dict[str, Callable]:
+    def forward() -> None:
+        with search_mode(mode or "auto"):
+            q(z.detach().requires_grad_())
+
+    def forward_backward() -> None:
+        q.zero_grad(set_to_none=True)
+        with search_mode(mode or "auto"):
+            out = q(z.detach().requires_grad_())
+            (out.loss + (out.z_q * grad).sum()).backward()
+
+    return {"forward": forward, "forward_backward": forward_backward}
+
+
+def _build(method: str, K: int, D: int, config: BenchConfig) -> torch.nn.Module:
+    options: dict[str, Any] = {}
+    if method == "lc":
+        options["codebook"] = torch.randn(K, config.lc_features)
+    return build_quantizer(method, codebook_size=K, dim=D, **options).train()
+
+
+def _vqp_phases(K: int, D: int, z: Tensor, grad: Tensor) -> dict[str, Callable] | str:
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return "vector-quantize-pytorch is not installed (pip install 'vqtok[bench]'): column skipped"
+    layer = VectorQuantize(dim=D, codebook_size=K).train()
+    x = z.flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+    g = grad.flatten(2).transpose(1, 2).contiguous()
+
+    def forward() -> None:
+        layer(x.detach().requires_grad_())
+
+    def forward_backward() -> None:
+        layer.zero_grad(set_to_none=True)
+        quantized, _, loss = layer(x.detach().requires_grad_())
+        (loss.sum() + (quantized * g).sum()).backward()
+
+    return {"forward": forward, "forward_backward": forward_backward}
+
+
+def _faiss_phase(flat: Tensor, codebook: Tensor, inner_product: bool) -> dict[str, Callable] | str:
+    try:
+        import faiss
+    except ImportError:
+        return "faiss is not installed: column skipped"
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index = (faiss.IndexFlatIP if inner_product else faiss.IndexFlatL2)(codebook.shape[1])
+    index.add(codebook.numpy())  # building the index is set-up, not timed
+    queries = flat.numpy()
+    return {"forward": lambda: index.search(queries, 1)}
+
+
+def _available_bytes() -> int:
+    kib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                kib = int(line.split()[1])
+    except OSError:
+        pass
+    return (kib or 8 * 2**20) * 1024
+
+
+def _matmul_phase(flat: Tensor, codebook: Tensor) -> tuple[dict[str, Callable], int]:
+    """z @ E^T; when its (N, K) output would not fit in half the free memory, in column blocks that each get a fresh
+    output (same flops and output traffic; the JSON records the block count)."""
+    N, K = flat.shape[0], codebook.shape[0]
+    blocks = max(1, -(-(N * K * 4) // (_available_bytes() // 2)))
+    width = -(-K // blocks)
+
+    def forward() -> None:
+        for k0 in range(0, K, width):
+            out = flat @ codebook[k0:k0 + width].T
+            del out
+
+    return {"forward": forward}, blocks
+
+
+def _row_paths(method: str, K: int, D: int, config: BenchConfig, notes: list[str]) -> tuple[list[_Timed], dict]:
+    """Everything timed in one row, and facts for the JSON (matmul blocks)."""
+    torch.manual_seed(config.seed)
+    fits = _dense_rule(K, config, notes)
+    if method == "search":
+        flat, codebook, paths = _search_paths(config.tokens, K, D, fits)
+    elif method == "ibq_step":
+        flat, codebook, grad = torch.randn(config.tokens, D), torch.randn(K, D), torch.randn(config.tokens, D)
+        paths = [_Timed("chunked", _step_phases(ibq_chunked, flat, codebook, grad))]
+        if fits("ibq_step"):
+            paths.append(_Timed("dense", _step_phases(ibq_dense, flat, codebook, grad)))
+    else:
+        flat, codebook, paths = _quantizer_paths(method, K, D, config, fits, notes)
+    faiss_phase = _faiss_phase(flat.contiguous(), codebook.contiguous(), inner_product=method.startswith("ibq"))
+    if isinstance(faiss_phase, str):
+        notes.append(faiss_phase)
+    else:
+        paths.append(_Timed("faiss", faiss_phase))
+    matmul, blocks = _matmul_phase(flat.contiguous(), codebook.contiguous())
+    paths.append(_Timed("matmul", matmul))
+    return paths, {"matmul_blocks": blocks}
+
+
+def _dense_rule(K: int, config: BenchConfig, notes: list[str]) -> Callable[[str], bool]:
+    """fits(kind): whether a dense path runs in this row: K within the dense grid and its predicted memory under
+    --max-dense-gib and 80% of the free memory. Skips are noted."""
+    dense_ok = K <= DENSE_MAX_CODES
+    if not dense_ok:
+        notes.append(f"K > {DENSE_MAX_CODES}: chunked paths, faiss and matmul only")
+    limit = min(config.max_dense_gib * 2**30, 0.8 * _available_bytes())
+
+    def fits(kind: str) -> bool:
+        need = DENSE_FACTOR[kind] * config.tokens * K * 4
+        if dense_ok and need > limit:
+            notes.append(f"{kind} skipped: needs ~{need / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB "
+                         "(--max-dense-gib, or 80% of the free memory)")
+        return dense_ok and need <= limit
+
+    return fits
+
+
+def _search_paths(N: int, K: int, D: int, fits: Callable[[str], bool]) -> tuple[Tensor, Tensor, list[_Timed]]:
+    """nearest_code alone: chunked, dense reference, cdist + argmin."""
+    flat, codebook = torch.randn(N, D), torch.randn(K, D)
+    paths = [_Timed("chunked", {"forward": lambda: nearest_code(flat, codebook)})]
+    if fits("search"):
+        paths.append(_Timed("dense", {"forward": lambda: _dense_search(flat, codebook)}))
+    if fits("cdist"):
+        paths.append(_Timed("cdist", {"forward": lambda: torch.cdist(flat, codebook).argmin(dim=1)}))
+    return flat, codebook, paths
+
+
+def _quantizer_paths(
+    method: str, K: int, D: int, config: BenchConfig, fits: Callable[[str], bool], notes: list[str]
+) -> tuple[Tensor, Tensor, list[_Timed]]:
+    """A registered quantizer as shipped, on its dense reference, and vector-quantize-pytorch's VectorQuantize."""
+    q = _build(method, K, D, config)
+    z, grad = torch.randn(_z_shape(config.tokens, D)), torch.randn(_z_shape(config.tokens, D))
+    if method == "ibq":
+        paths = [_Timed("chunked", _ibq_phases(q, z, grad, "chunked"))]
+        if fits("ibq"):
+            paths.append(_Timed("dense", _ibq_phases(q, z, grad, "dense")))
+    else:
+        paths = [_Timed("chunked", _quantizer_phases(q, z, grad, None))]
+        if fits(method):
+            paths.append(_Timed("dense", _quantizer_phases(q, z, grad, "dense")))
+    vqp = _vqp_phases(K, D, z, grad)
+    if isinstance(vqp, str):
+        notes.append(vqp)
+    elif fits("vqp"):
+        paths.append(_Timed("vqp", vqp))
+    return z.permute(0, 2, 3, 1).reshape(-1, D), q.codebook_vectors().detach(), paths
+
+
+def _step_phases(step: Callable, flat: Tensor, codebook: Tensor, grad: Tensor) -> dict[str, Callable]:
+    """An IBQ step on its own: sum(z_q * G) + 0.05 (sample entropy - codebook entropy), IBQ's penalty."""
+    def forward() -> Any:
+        return step(flat.detach().requires_grad_(), codebook.detach().requires_grad_())
+
+    def forward_backward() -> None:
+        result = forward()
+        ((result.z_q * grad).sum() + 0.05 * (result.sample_entropy - result.codebook_entropy)).backward()
+
+    return {"forward": forward, "forward_backward": forward_backward}
+
+
+def _dense_search(flat: Tensor, codebook: Tensor) -> None:
+    with search_mode("dense"):
+        nearest_code(flat, codebook)
+
+
+def _ibq_phases(q: torch.nn.Module, z: Tensor, grad: Tensor, kernel: str) -> dict[str, Callable]:
+    def with_kernel(call: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            q.kernel = kernel
+            call()
+        return run
+
+    return {name: with_kernel(call) for name, call in _quantizer_phases(q, z, grad, None).items()}
+
+
+# -- one row --------------------------------------------------------------------------------------------------------
+def _time_row(paths: list[_Timed], config: BenchConfig) -> None:
+    """Run 0 warms up and measures memory; later runs are timed, all paths interleaved in each run, until every
+    path has `repeats` samples or the row has run `row_seconds`. A call slower than `slow_seconds` keeps its
+    warm-up run as a sample (its page faults after malloc_trim are then a negligible part of it)."""
+    started = time.perf_counter()
+    sampled = lambda: all(getattr(p, f"{phase}_ms") for p in paths if not p.error for phase in p.phases)  # noqa: E731
+    for run in range(config.repeats + 1):
+        if run > 0 and time.perf_counter() - started > config.row_seconds and sampled():
+            break
+        for path in paths:
+            if path.error:
+                continue
+            for phase, call in path.phases.items():
+                samples = getattr(path, f"{phase}_ms")
+                if len(samples) >= config.repeats:
+                    continue
+                try:
+                    seconds, peak = measure(call, memory=run == 0)
+                except (RuntimeError, MemoryError) as error:  # e.g. an allocation the machine cannot serve
+                    path.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    break
+                if peak is not None:
+                    path.peak_mib = max(path.peak_mib or 0.0, peak)
+                if run > 0 or seconds >= config.slow_seconds:
+                    samples.append(seconds * 1000)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def _ratios(s: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Speed-ups are other / chunked (> 1: chunked is faster); the rest say what they divide."""
+    chunked = s.get("chunked", {})
+    get = lambda path, key: s.get(path, {}).get(key)  # noqa: E731
+    return {
+        "dense_over_chunked_forward": _ratio(get("dense", "forward_ms"), chunked.get("forward_ms")),
+        "dense_over_chunked_forward_backward": _ratio(get("dense", "forward_backward_ms"),
+                                                      chunked.get("forward_backward_ms")),
+        "chunked_over_dense_peak": _ratio(chunked.get("peak_mib"), get("dense", "peak_mib")),
+        "cdist_over_chunked": _ratio(get("cdist", "forward_ms"), chunked.get("forward_ms")),
+        "faiss_over_chunked": _ratio(get("faiss", "forward_ms"), chunked.get("forward_ms")),
+        "vqp_over_chunked_forward_backward": _ratio(get("vqp", "forward_backward_ms"),
+                                                    chunked.get("forward_backward_ms")),
+        "chunked_forward_over_matmul": _ratio(chunked.get("forward_ms"), get("matmul", "forward_ms")),
+        "chunked_forward_backward_over_matmul": _ratio(chunked.get("forward_backward_ms"),
+                                                       get("matmul", "forward_ms")),
+    }
+
+
+def bench_row(method: str, K: int, D: int, config: BenchConfig) -> dict[str, Any]:
+    """Measure one (method, K, D) row: every path's medians and peak memory, their ratios, and notes."""
+    notes: list[str] = []
+    paths, facts = _row_paths(method, K, D, config, notes)
+    started = time.perf_counter()
+    _time_row(paths, config)
+    summaries = {p.name: p.summary() for p in paths}
+    for p in paths:
+        if p.error:
+            notes.append(f"{p.name} failed: {p.error}")
+    del paths
+    gc.collect()
+    return {"method": method, "codebook_size": K, "dim": D, "tokens": config.tokens, **summaries,
+            "ratios": _ratios(summaries), **facts, "seconds": round(time.perf_counter() - started, 1),
+            "notes": notes}
+
+
+def warm_up() -> None:
+    """First calls load numba's cached kernels, faiss and torch's lazy state: keep that out of the first row."""
+    for dim in (8, 16, 64):
+        nearest_code(torch.randn(300, dim), torch.randn(500, dim))
+    q = build_quantizer("ibq", codebook_size=600, dim=16, kernel="chunked").train()
+    out = q(torch.randn(2, 16, 16, 16))
+    (out.loss + out.z_q.sum()).backward()
+    phase = _faiss_phase(torch.randn(10, 8), torch.randn(20, 8), inner_product=False)
+    if not isinstance(phase, str):
+        phase["forward"]()
+
+
+def run_quantize_bench(config: BenchConfig | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every row of `config` (see BenchConfig) and return one dict per row (see bench_row)."""
+    from tqdm import tqdm
+
+    config = config or BenchConfig()
+    warm_up()
+    rows = []
+    cells = config.cells()
+    bar = tqdm(cells, desc="bench quantize", unit="row", disable=not progress)
+    for method, K, D in bar:
+        bar.set_postfix_str(f"{method} K={K} D={D}")
+        rows.append(bench_row(method, K, D, config))
+    return rows
+
+
+# -- output ---------------------------------------------------------------------------------------------------------
+def environment() -> dict[str, Any]:
+    """Facts a reader needs to compare runs: versions, threads, CPU, load, how memory was measured."""
+    try:
+        import faiss
+        faiss_version = faiss.__version__
+    except ImportError:
+        faiss_version = None
+    try:
+        import numba
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = None
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "faiss": faiss_version, "numba": numba_version, "memory_method": MEMORY_METHOD,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path, config: BenchConfig) -> None:
+    """rows plus the config and environment, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": {k: v for k, v in config.__dict__.items()}, "environment": environment(), "rows": rows}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def _fmt(value: float | None, digits: int | None = None) -> str:
+    """Ratios with the digits asked for; times and MiB with 3 significant digits below 100."""
+    if value is None:
+        return "-"
+    if digits is None:
+        digits = 0 if value >= 100 else 1 if value >= 10 else 2
+    return f"{value:,.{digits}f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table: times in ms, memory in MiB, ratios as x (speed-ups: > 1 means chunked is faster)."""
+    header = ["method", "K", "D", "fwd", "fwd+bwd", "MiB", "dense fwd", "dense f+b", "dense MiB", "faiss",
+              "cdist", "vqp f+b", "matmul", "xdense f+b", "mem/dense", "xfaiss", "f+b/matmul"]
+    lines = [header]
+    for r in rows:
+        c, d = r.get("chunked", {}), r.get("dense", {})
+        ratios = r["ratios"]
+        speedup = ratios["dense_over_chunked_forward_backward"] or ratios["dense_over_chunked_forward"]
+        over_mm = ratios["chunked_forward_backward_over_matmul"] or ratios["chunked_forward_over_matmul"]
+        lines.append([
+            r["method"], f"{r['codebook_size']:,}", str(r["dim"]), _fmt(c.get("forward_ms")),
+            _fmt(c.get("forward_backward_ms")), _fmt(c.get("peak_mib")), _fmt(d.get("forward_ms")),
+            _fmt(d.get("forward_backward_ms")), _fmt(d.get("peak_mib")), _fmt(r.get("faiss", {}).get("forward_ms")),
+            _fmt(r.get("cdist", {}).get("forward_ms")), _fmt(r.get("vqp", {}).get("forward_backward_ms")),
+            _fmt(r.get("matmul", {}).get("forward_ms")), _fmt(speedup, 2), _fmt(ratios["chunked_over_dense_peak"], 3),
+            _fmt(ratios["faiss_over_chunked"], 2), _fmt(over_mm, 2),
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    notes = sorted({n for r in rows for n in r["notes"]})
+    footer = ["", "times: median ms; MiB: peak extra resident memory; xdense/xfaiss: their time / chunked time "
+              "(> 1: chunked faster); f+b/matmul: chunked forward+backward (forward for search) / bare z @ E^T"]
+    return "\n".join(text + footer + [f"note: {n}" for n in notes])

@@ -1,0 +1,91 @@
+"""`vqtok bench quantize`: time the chunked quantizer kernels against the dense reference, faiss and a bare matmul."""
+
+from __future__ import annotations
+
+import argparse
+
+from .bench import DIMS, EXTRA_METHODS, METHODS, QUICK, SIZES, BenchConfig, format_table, run_quantize_bench, write_json
+
+EPILOG = """examples:
+  vqtok bench quantize                                   # the default grid (each method at its own dims)
+  vqtok bench quantize --methods search ibq --sizes 100000 262144 --dims 256 --json bench.json
+  vqtok bench quantize --quick                           # a tiny grid in seconds (what the tests run)
+
+Times are medians of up to --repeats runs after a warm-up, all paths of a row interleaved so a shared machine's
+load hits them alike (a call slower than --slow-seconds keeps its warm-up as a sample; no new round starts after
+--row-seconds). Memory is the peak resident set above the one before the call. Dense references run for
+K <= 262,144 and only where their predicted memory is under --max-dense-gib (and 80% of the free memory).
+vector-quantize-pytorch is compared when installed: pip install 'vqtok[bench]'."""
+
+
+def _ints(values: list[str]) -> tuple[int, ...]:
+    """Accept "1024 16384" as well as "1024,16384"."""
+    try:
+        return tuple(int(v.replace("_", "")) for value in values for v in value.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers, got {' '.join(values)}") from None
+
+
+def _names(values: list[str]) -> tuple[str, ...]:
+    return tuple(v for value in values for v in value.split(",") if v)
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    """Add `bench` (with its `quantize` benchmark) to the vqtok command line."""
+    bench = subparsers.add_parser("bench", help="kernel benchmarks", description="Kernel benchmarks.")
+    kinds = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    quantize = kinds.add_parser(
+        "quantize", help="chunked code search and IBQ kernels vs the dense path, faiss and a bare matmul",
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quantize.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                          help=f"any of {' '.join(METHODS + EXTRA_METHODS)} (default: {' '.join(METHODS)}; "
+                               "'search' is nearest_code alone, 'ibq_step' the IBQ step without the quantizer)")
+    quantize.add_argument("--sizes", nargs="+", default=None, metavar="K",
+                          help=f"codebook sizes (default: {' '.join(map(str, SIZES))})")
+    quantize.add_argument("--dims", nargs="+", default=None, metavar="D",
+                          help=f"code dims for every method, e.g. {' '.join(map(str, DIMS))} "
+                               "(default: each method's own: vq ema ibq 256, fc lc 8, search both)")
+    quantize.add_argument("--tokens", type=int, default=None, help="tokens per batch, N (default: 4096)")
+    quantize.add_argument("--repeats", type=int, default=None, help="timed runs per path, median taken (default: 3)")
+    quantize.add_argument("--slow-seconds", type=float, default=None,
+                          help="a call this slow keeps its warm-up run as a sample (default: 2)")
+    quantize.add_argument("--row-seconds", type=float, default=None,
+                          help="no new round of repeats once a row has run this long (default: 30)")
+    quantize.add_argument("--max-dense-gib", type=float, default=12.0,
+                          help="skip a dense reference whose predicted memory exceeds this (default: 12)")
+    quantize.add_argument("--quick", action="store_true",
+                          help=f"a tiny grid: sizes {QUICK['sizes']}, dims {QUICK['dims']}, {QUICK['tokens']} tokens")
+    quantize.add_argument("--json", metavar="PATH", help="also write the rows, config and environment as JSON")
+    quantize.add_argument("--no-progress", action="store_true", help="no progress bar")
+    quantize.set_defaults(func=run_quantize_command)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """--quick sets the grid's defaults; explicit options override them."""
+    base = dict(QUICK) if args.quick else {}
+    if args.methods:
+        base["methods"] = _names(args.methods)
+    if args.sizes:
+        base["sizes"] = _ints(args.sizes)
+    if args.dims:
+        base["dims"] = _ints(args.dims)
+    if args.tokens is not None:
+        base["tokens"] = args.tokens
+    for name in ("repeats", "slow_seconds", "row_seconds"):
+        if getattr(args, name) is not None:
+            base[name] = getattr(args, name)
+    return BenchConfig(max_dense_gib=args.max_dense_gib, **base)
+
+
+def run_quantize_command(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        print(f"vqtok bench quantize: {error}")
+        return 2
+    rows = run_quantize_bench(config, progress=not args.no_progress)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, config)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,309 @@
+"""The IBQ step without any (N, K) tensor: an autograd Function over code chunks (METHODS.md section 3).
+
+Forward, one pass over code chunks of l = z E^T: an online softmax (per chunk, then merged: running max m, sums
+rescaled when m grows) gives per token the argmax k*, log-sum-exp of l, y = p E (so <p, g> = G . y needs no pass in
+backward), and the sample entropy of q = softmax(l / T) from s = sum exp(a) and w = sum exp(a) a, a = (l - m) / T:
+H(q) = log s - w / s. The codebook entropy needs sum_n q_n, i.e. each token's final normaliser, so the pass also
+keeps the few entries within T * 64 of each token's running max (everything else has q < e^-64, the floor below
+which every exponent here is clamped); when q is too flat for that (more than NEAR_PER_TOKEN entries per token), a
+second pass recomputes q chunk by chunk instead (a chunk holds every token, so its column sums are exact).
+Either gives H(mean q), c_k = dH(mean q) / d(mean q)_k and <q_n, c>.
+Backward recomputes l (and g = G E^T in the same matmul) per chunk and applies, with alpha = dL/dS / (N T) and
+beta = dL/dC / (N T) for S = mean_n H(q_n) and C = H(mean_n q_n):
+    dl = p (g - <p, g>) - alpha q (log q + H(q_n)) + beta q (c - <q_n, c>)
+    dz = sum_k dl_k e_k,   dE_k = dl_k z + G h_k
+Cost: 6 matmuls of z E^T's size (7 with the second pass); the dense path does as many plus ~20 passes over (N, K)
+tensors. Extra memory: a few (N, chunk) buffers per worker, the (K, D) codebook gradient, O(N D + K) statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ibq import CODEBOOK_ENTROPY_EPS, IBQResult
+from .search import run_workers
+
+CHUNK_ELEMENTS = 1024 * 1024  # elements of one (tokens x codes) buffer: 4 MiB in fp32; a few live per worker
+MIN_CODE_CHUNK = 64
+NEAR_PER_TOKEN = 16  # entries near the max kept per token (on average) before falling back to the second pass
+DENSE_MAX_ELEMENTS = 64 * 1024  # kernel="auto" keeps ibq_dense while N x K is at most this (fewer passes win there)
+# Exponents are clamped from below before exp: exp(-64) = 1.6e-28 of the largest term is far below fp32's resolution
+# of any sum it enters, and neither denormals nor underflow are produced (torch's CPU exp takes a slow path there,
+# 5-16x slower, and with T = 0.01 most of q would be in it).
+EXP_FLOOR = {torch.float32: -64.0, torch.float64: -600.0}
+
+
+def ibq_code_chunk(n_tokens: int, n_codes: int, code_chunk: int | None = None) -> int:
+    """Codes per chunk: about CHUNK_ELEMENTS / N (at least MIN_CODE_CHUNK, at most K) unless given."""
+    if code_chunk is not None:
+        if int(code_chunk) < 1:
+            raise ValueError(f"code_chunk must be a positive integer, got {code_chunk}")
+        return min(int(code_chunk), n_codes)
+    return min(n_codes, max(MIN_CODE_CHUNK, CHUNK_ELEMENTS // max(n_tokens, 1)))
+
+
+def ibq_chunked(
+    z: Tensor, codebook: Tensor, temperature: float = 0.01, *, entropy: bool = True, code_chunk: int | None = None
+) -> IBQResult:
+    """The IBQ step of `ibq_dense` with the same values and gradients, computed over code chunks.
+
+    z (N, D), codebook (K, D), any float dtypes (computed in fp32, fp64 if either is fp64; z_q in their promoted
+    dtype). entropy=False skips everything the entropy penalty needs and returns NaN for both entropies."""
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
+    if z.shape[0] == 0 or codebook.shape[0] == 0:
+        raise ValueError(f"the IBQ step needs at least one token and one code, got N={z.shape[0]}, K={codebook.shape[0]}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    chunk = ibq_code_chunk(z.shape[0], codebook.shape[0], code_chunk)
+    z_q, indices, sample_entropy, codebook_entropy = _IBQFunction.apply(z, codebook, float(temperature), chunk, entropy)
+    return IBQResult(z_q, indices, sample_entropy, codebook_entropy)
+
+
+@dataclass
+class _Softmax:
+    """Online-softmax state over some codes, per token (N,): max logit m, its index, s = sum exp(l - m),
+    y = sum exp(l - m) e (N, D); with the entropy, s_q = sum exp(a) and w = sum exp(a) a, a = (l - m) / T."""
+
+    m: Tensor
+    index: Tensor
+    s: Tensor
+    y: Tensor
+    s_q: Tensor | None
+    w: Tensor | None
+
+
+@dataclass
+class _Stats:
+    """What the forward keeps for the backward. Shapes (N,) unless noted."""
+
+    index: Tensor  # argmax_k l, int64
+    max_logit: Tensor  # m = max_k l
+    lse: Tensor  # log sum_k exp(l)
+    soft: Tensor  # (N, D) y = p E
+    log_s: Tensor | None = None  # log sum_k exp((l - m) / T): log q = (l - m) / T - log_s
+    sample_entropy: Tensor | None = None  # H(q_n)
+    q_dot_c: Tensor | None = None  # <q_n, c>
+    c: Tensor | None = None  # (K,) dH(mean q) / d(mean q)
+    near: list[Tensor] | None = None  # (token, code, logit) of the entries within the window of the max
+
+
+def _chunk_softmax(
+    logits: Tensor, m: Tensor, arg: Tensor, e_blk: Tensor, k0: int, temperature: float, entropy: bool
+) -> _Softmax:
+    """The state of one chunk from its logits (N, c), their row max m and its first index arg; `logits` is scratch."""
+    p = torch.softmax(logits, dim=1)  # (N, c), normalised within the chunk: one fused pass
+    s = 1.0 / p.gather(1, arg[:, None]).squeeze(1)  # p at the chunk's max is exp(0) / s
+    y = (p @ e_blk).mul_(s[:, None])  # (N, D) sum exp(l - m) e
+    s_q = w = None
+    if entropy:
+        a = logits.sub_(m[:, None]).div_(temperature).clamp_(min=EXP_FLOOR[logits.dtype])  # (l - m) / T <= 0
+        q = torch.exp(a, out=p)  # unnormalised q, in p's buffer
+        s_q, w = q.sum(dim=1), q.mul_(a).sum(dim=1)
+    return _Softmax(m, arg + k0, s, y, s_q, w)
+
+
+def _merge(a: _Softmax, b: _Softmax, temperature: float) -> _Softmax:
+    """The state over the codes of both: rescale each side's sums to the common max (exp(a') = exp(a) exp(shift))."""
+    m = torch.maximum(a.m, b.m)
+    take_b = (b.m > a.m) | ((b.m == a.m) & (b.index < a.index))  # ties: the lower index, as argmax
+    index = torch.where(take_b, b.index, a.index)
+    fa, fb = torch.exp(a.m - m), torch.exp(b.m - m)
+    s, y = a.s * fa + b.s * fb, a.y * fa[:, None] + b.y * fb[:, None]
+    s_q = w = None
+    if a.s_q is not None:
+        shift_a, shift_b = (a.m - m) / temperature, (b.m - m) / temperature  # <= 0
+        ga, gb = torch.exp(shift_a), torch.exp(shift_b)
+        w = ga * (a.w + shift_a * a.s_q) + gb * (b.w + shift_b * b.s_q)  # sum exp(a + shift) (a + shift)
+        s_q = ga * a.s_q + gb * b.s_q
+    return _Softmax(m, index, s, y, s_q, w)
+
+
+def _first_pass(z: Tensor, codebook: Tensor, temperature: float, chunk: int, entropy: bool) -> _Stats:
+    """Online softmax over code chunks: argmax, log-sum-exp, y = p E and (entropy) H(q_n)."""
+    N, K = z.shape[0], codebook.shape[0]
+    window = -EXP_FLOOR[z.dtype] * temperature  # codes with l < max - window have q < exp(EXP_FLOOR)
+    # On CUDA the second pass is cheap and collecting entries would synchronise once per chunk.
+    collect = entropy and z.device.type == "cpu"
+
+    def work(chunks: Iterable[int]) -> tuple[_Softmax, list[tuple[Tensor, Tensor, Tensor]] | None]:
+        buffer, state = torch.empty(N * chunk, dtype=z.dtype, device=z.device), None
+        near: list[tuple[Tensor, Tensor, Tensor]] | None = [] if collect else None
+        kept = 0
+        for i in chunks:
+            k0 = i * chunk
+            e_blk = codebook[k0:k0 + chunk]  # (c, D)
+            logits = torch.mm(z, e_blk.T, out=buffer[: N * e_blk.shape[0]].view(N, -1))  # (N, c)
+            m, arg = logits.max(dim=1)  # first index on ties
+            if near is not None:  # every (n, k) that can still carry q mass, against this worker's running max
+                running = m if state is None else torch.maximum(state.m, m)
+                near.append(_near_max(logits, running - window, k0))
+                kept += len(near[-1][0])
+                if kept > NEAR_PER_TOKEN * N:
+                    near = None  # q is too flat for the shortcut: the second pass will recompute it
+            part = _chunk_softmax(logits, m, arg, e_blk, k0, temperature, entropy)
+            state = part if state is None else _merge(state, part, temperature)
+        return state, near
+
+    (state, near), *others = run_workers(work, -(-K // chunk), z.device)  # every worker has at least one chunk
+    for other, other_near in others:
+        state = _merge(state, other, temperature)
+        near = near + other_near if near is not None and other_near is not None else None
+    stats = _Stats(index=state.index, max_logit=state.m, lse=state.m + state.s.log(), soft=state.y / state.s[:, None])
+    if entropy:
+        stats.log_s = state.s_q.log()
+        stats.sample_entropy = stats.log_s - state.w / state.s_q  # H = log s - w / s
+        stats.near = [torch.cat(parts) for parts in zip(*near)] if near is not None else None
+    return stats
+
+
+def _near_max(logits: Tensor, threshold: Tensor, k0: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(token, code, logit) of every entry of logits (N, c) at or above its row's threshold (N,)."""
+    token, code = (logits >= threshold[:, None]).nonzero(as_tuple=True)
+    return token, code + k0, logits[token, code]
+
+
+def _codebook_entropy_from_near(stats: _Stats, K: int, temperature: float) -> Tensor:
+    """H(mean q), c and <q_n, c> from the entries near each token's max: the rest of q is below exp(EXP_FLOOR)."""
+    token, code, logit = stats.near
+    keep = logit >= stats.max_logit[token] + EXP_FLOOR[logit.dtype] * temperature  # against the final max
+    token, code, logit = token[keep], code[keep], logit[keep]
+    log_q = ((logit - stats.max_logit[token]) / temperature - stats.log_s[token]).clamp_(min=EXP_FLOOR[logit.dtype])
+    q = log_q.exp()
+    N = stats.max_logit.shape[0]
+    avg = torch.zeros(K, dtype=q.dtype, device=q.device).index_add_(0, code, q) / N  # (K,) mean_n q
+    codebook_entropy, stats.c = _codebook_entropy_terms(avg)
+    stats.q_dot_c = torch.zeros(N, dtype=q.dtype, device=q.device).index_add_(0, token, q * stats.c[code])
+    stats.near = None
+    return codebook_entropy
+
+
+def _codebook_entropy_terms(avg: Tensor) -> tuple[Tensor, Tensor]:
+    """For mean q over some codes: their part of H(mean q) = -sum avg log(avg + eps), and c = dH / d avg."""
+    log_avg = (avg + CODEBOOK_ENTROPY_EPS).log()
+    return -(avg * log_avg).sum(), -(log_avg + avg / (avg + CODEBOOK_ENTROPY_EPS))
+
+
+def _log_q(logits: Tensor, stats: _Stats, temperature: float) -> Tensor:
+    """In place: l -> log q = (l - m) / T - log s, floored at EXP_FLOOR."""
+    log_q = logits.sub_(stats.max_logit[:, None]).div_(temperature).sub_(stats.log_s[:, None])
+    return log_q.clamp_(min=EXP_FLOOR[logits.dtype])
+
+
+def _second_pass(z: Tensor, codebook: Tensor, stats: _Stats, temperature: float, chunk: int) -> Tensor:
+    """mean_n q per chunk (exact: a chunk holds every token), H(mean q), c and <q_n, c>. Returns H(mean q)."""
+    N, K = z.shape[0], codebook.shape[0]
+    stats.c = torch.empty(K, dtype=z.dtype, device=z.device)
+
+    def work(chunks: Iterable[int]) -> tuple[Tensor, Tensor]:
+        buffer = torch.empty(2 * N * chunk, dtype=z.dtype, device=z.device)
+        entropy = torch.zeros((), dtype=z.dtype, device=z.device)
+        q_dot_c = torch.zeros(N, dtype=z.dtype, device=z.device)
+        for i in chunks:
+            k0 = i * chunk
+            e_blk = codebook[k0:k0 + chunk]
+            c = e_blk.shape[0]
+            logits = torch.mm(z, e_blk.T, out=buffer[: N * c].view(N, c))
+            q = torch.exp(_log_q(logits, stats, temperature), out=buffer[N * c: 2 * N * c].view(N, c))  # (N, c)
+            part, c_blk = _codebook_entropy_terms(q.sum(dim=0) / N)  # from mean_n q (c,)
+            entropy += part
+            stats.c[k0:k0 + c] = c_blk
+            q_dot_c.addmv_(q, c_blk)
+        return entropy, q_dot_c
+
+    entropies, q_dot_cs = zip(*run_workers(work, -(-K // chunk), z.device))
+    stats.q_dot_c = torch.stack(q_dot_cs).sum(dim=0)
+    return torch.stack(entropies).sum()
+
+
+def _backward(
+    z: Tensor, codebook: Tensor, stats: _Stats, grad_zq: Tensor, alpha: Tensor | None, beta: Tensor | None,
+    temperature: float, chunk: int, need_dz: bool, need_de: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """dz and dE chunk by chunk; alpha/beta are the entropy terms' scales (None when they carry no gradient)."""
+    N, K = z.shape[0], codebook.shape[0]
+    entropy = alpha is not None
+    z_and_grad = torch.cat([z, grad_zq])  # (2N, D): l and g from one matmul
+    p_dot_g = (grad_zq * stats.soft).sum(dim=1)  # (N,) <p, g> = G . (p E)
+    row = -alpha * stats.sample_entropy - beta * stats.q_dot_c if entropy else None  # (N,) per-token entropy part
+    de = torch.empty_like(codebook) if need_de else None
+
+    def work(chunks: Iterable[int]) -> Tensor | None:
+        both_buffer = torch.empty(2 * N * chunk, dtype=z.dtype, device=z.device)
+        log_q_buffer = torch.empty(N * chunk if entropy else 0, dtype=z.dtype, device=z.device)
+        dz = torch.zeros_like(z) if need_dz else None
+        for i in chunks:
+            k0 = i * chunk
+            e_blk = codebook[k0:k0 + chunk]
+            c = e_blk.shape[0]
+            both = torch.mm(z_and_grad, e_blk.T, out=both_buffer[: 2 * N * c].view(2 * N, c))
+            logits, dl = both[:N], both[N:]  # l (N, c) and g (N, c)
+            if entropy:
+                log_q = _log_q(log_q_buffer[: N * c].view(N, c).copy_(logits), stats, temperature)  # (N, c)
+            p = logits.sub_(stats.lse[:, None]).clamp_(min=EXP_FLOOR[z.dtype]).exp_()  # (N, c)
+            dl.sub_(p_dot_g[:, None]).mul_(p)  # p (g - <p, g>)
+            if entropy:
+                q = p.copy_(log_q).exp_()  # p is no longer needed: its buffer takes q
+                # -alpha q (log q + H) + beta q (c - <q, c>) = q (-alpha log q + beta c + row)
+                dl.addcmul_(q, log_q.mul_(-alpha).add_(beta * stats.c[k0:k0 + c]).add_(row[:, None]))
+            if need_dz:
+                dz.addmm_(dl, e_blk)  # (N, D)
+            if need_de:
+                torch.mm(dl.T, z, out=de[k0:k0 + c])  # (c, D)
+        return dz
+
+    parts = run_workers(work, -(-K // chunk), z.device)
+    dz = torch.stack(parts).sum(dim=0) if need_dz else None
+    if need_de:
+        de.index_add_(0, stats.index, grad_zq)  # the one-hot path: dE_k* += G
+    return dz, de
+
+
+class _IBQFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, codebook: Tensor, temperature: float, chunk: int, entropy: bool):
+        dtype = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
+        out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            zc, ec = z.detach().to(dtype).contiguous(), codebook.detach().to(dtype).contiguous()
+            stats = _first_pass(zc, ec, temperature, chunk, entropy)
+            z_q = F.embedding(stats.index, ec).to(out_dtype)  # exactly e_k*
+            nan = torch.full((), float("nan"), dtype=dtype, device=z.device)
+            sample_entropy = stats.sample_entropy.mean() if entropy else nan
+            if not entropy:
+                codebook_entropy = nan.clone()
+            elif stats.near is not None:
+                codebook_entropy = _codebook_entropy_from_near(stats, ec.shape[0], temperature)
+            else:
+                codebook_entropy = _second_pass(zc, ec, stats, temperature, chunk)
+        ctx.save_for_backward(zc, ec)
+        ctx.stats, ctx.temperature, ctx.chunk, ctx.entropy = stats, temperature, chunk, entropy
+        ctx.dtypes = (z.dtype, codebook.dtype)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(stats.index)
+        if not entropy:
+            ctx.mark_non_differentiable(sample_entropy, codebook_entropy)
+        return z_q, stats.index, sample_entropy, codebook_entropy
+
+    @staticmethod
+    def backward(ctx, grad_zq, _grad_indices, grad_sample, grad_codebook):
+        zc, ec = ctx.saved_tensors
+        need_dz, need_de = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dz or need_de):
+            return None, None, None, None, None
+        with torch.no_grad(), torch.autocast(device_type=zc.device.type, enabled=False):
+            grad_zq = torch.zeros_like(zc) if grad_zq is None else grad_zq.to(zc.dtype).contiguous()
+            alpha = beta = None
+            if ctx.entropy and (grad_sample is not None or grad_codebook is not None):
+                scale = 1.0 / (zc.shape[0] * ctx.temperature)
+                zero = zc.new_zeros(())
+                alpha = (zero if grad_sample is None else grad_sample.to(zc.dtype)) * scale
+                beta = (zero if grad_codebook is None else grad_codebook.to(zc.dtype)) * scale
+            dz, de = _backward(zc, ec, ctx.stats, grad_zq, alpha, beta, ctx.temperature, ctx.chunk, need_dz, need_de)
+        z_dtype, e_dtype = ctx.dtypes
+        return (dz.to(z_dtype) if dz is not None else None), (de.to(e_dtype) if de is not None else None), None, None, None

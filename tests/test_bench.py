@@ -1,0 +1,84 @@
+"""`vqtok bench quantize` at tiny sizes: the rows, ratios, JSON and command line (never timings)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+
+import pytest
+
+from vqtok import bench
+from vqtok.bench import BenchConfig, format_table, measure, run_quantize_bench
+from vqtok.bench_command import add_subcommand
+
+TINY = dict(sizes=(300,), dims=(8,), tokens=32, repeats=1)
+
+
+def positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_rows_hold_every_path_and_positive_ratios():
+    rows = run_quantize_bench(BenchConfig(methods=("search", "vq", "ibq"), **TINY), progress=False)
+    assert [(r["method"], r["codebook_size"], r["dim"], r["tokens"]) for r in rows] == [
+        ("search", 300, 8, 32), ("vq", 300, 8, 32), ("ibq", 300, 8, 32)]
+    for row in rows:
+        for path in ("chunked", "dense", "faiss", "matmul"):
+            assert positive(row[path]["forward_ms"]), (row["method"], path)
+            assert row[path]["samples"] == 1 and row[path]["error"] is None
+        ratios = row["ratios"]
+        for key in ("dense_over_chunked_forward", "faiss_over_chunked", "chunked_forward_over_matmul"):
+            assert positive(ratios[key]), (row["method"], key)
+        if row["method"] != "search":
+            assert positive(row["chunked"]["forward_backward_ms"]) and positive(row["dense"]["forward_backward_ms"])
+            assert positive(ratios["dense_over_chunked_forward_backward"])
+            assert positive(ratios["chunked_forward_backward_over_matmul"])
+        else:
+            assert positive(ratios["cdist_over_chunked"]) and row["chunked"]["forward_backward_ms"] is None
+        assert row["matmul_blocks"] == 1 and row["seconds"] > 0
+    assert any("vector-quantize-pytorch" in n for n in rows[1]["notes"]) or "vqp" in rows[1]
+
+
+def test_memory_is_measured_as_resident_high_water():
+    import torch
+
+    _, idle = measure(lambda: None, memory=True)
+    _, big = measure(lambda: torch.ones(64 * 2**20 // 4).sum(), memory=True)  # a 64 MiB temporary
+    if idle is None:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    assert idle < 8 and 60 < big < 200
+
+
+def test_large_sizes_skip_the_dense_references_with_a_note(monkeypatch):
+    monkeypatch.setattr(bench, "DENSE_MAX_CODES", 100)
+    row = run_quantize_bench(BenchConfig(methods=("ibq",), **TINY), progress=False)[0]
+    assert "dense" not in row and positive(row["chunked"]["forward_backward_ms"])
+    assert row["ratios"]["dense_over_chunked_forward_backward"] is None
+    assert any("chunked paths" in n for n in row["notes"])
+
+
+def test_command_line_writes_json_and_prints_the_table(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="vqtok")
+    add_subcommand(parser.add_subparsers(dest="command"))
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["bench", "quantize", "--quick", "--methods", "search,fc", "--sizes", "256",
+                              "--dims", "8", "--json", str(out), "--no-progress"])
+    assert args.func(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["config"]["methods"] == ["search", "fc"] and payload["config"]["tokens"] == 64
+    assert {"torch", "threads", "memory_method", "load_average"} <= payload["environment"].keys()
+    assert [r["method"] for r in payload["rows"]] == ["search", "fc"]
+    printed = capsys.readouterr().out
+    assert "xdense f+b" in printed and re.search(r"^\s*fc\s+256\s+8\s", printed, re.M)
+    assert format_table(payload["rows"]).splitlines()[0] == printed.splitlines()[0]
+
+
+def test_bad_options_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown method"):
+        BenchConfig(methods=("vq", "rq"))
+    parser = argparse.ArgumentParser(prog="vqtok")
+    add_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "quantize", "--sizes", "many"])
+    assert args.func(args) == 2

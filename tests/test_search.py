@@ -1,0 +1,156 @@
+"""The chunked code search (quantize/search.py) against the dense reference and float64 brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqtok.quantize import build_quantizer, search
+from vqtok.quantize.search import (
+    max_inner_product, max_inner_product_dense, nearest_code, nearest_code_dense, run_workers, search_chunks,
+    search_mode,
+)
+
+# (N, K, D): N = 1, K not a multiple of any chunk, D below / at / above the fused loop's 8-dim groups and its limit.
+SHAPES = [(1, 5, 8), (1, 1, 3), (37, 700, 8), (300, 1001, 3), (129, 513, 16), (200, 777, 32), (150, 900, 64)]
+PATHS = ["fused", "chunked"]  # "fused" is the default (auto) mode: the numba loop where it applies
+
+
+def separated(N: int, K: int, D: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens near a random code each, codes far apart: the nearest code is unambiguous (a clear gap)."""
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(K, D, generator=g) * 4
+    z = codebook[torch.randint(K, (N,), generator=g)] + 0.01 * torch.randn(N, D, generator=g)
+    return z, codebook
+
+
+def run(path: str, fn, z, codebook, **chunks):
+    with search_mode("auto" if path == "fused" else "chunked"):
+        return fn(z, codebook, **chunks)
+
+
+def brute_force(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return ((z.double()[:, None] - codebook.double()[None]) ** 2).sum(-1)  # (N, K) float64
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N,K,D", SHAPES)
+def test_nearest_code_indices_equal_dense_and_distances_equal_brute_force(path, N, K, D):
+    z, codebook = separated(N, K, D)
+    index, dist = run(path, nearest_code, z, codebook, token_chunk=16, code_chunk=100)
+    ref_index, ref_dist = nearest_code_dense(z, codebook)
+    assert index.dtype == torch.int64 and index.shape == (N,)
+    assert torch.equal(index, ref_index)
+    truth = brute_force(z, codebook).min(dim=1).values
+    assert torch.allclose(dist.double(), truth, rtol=0, atol=1e-4 * float(codebook.pow(2).sum(1).max()))
+    assert torch.allclose(dist, ref_dist, rtol=0, atol=1e-4 * float(codebook.pow(2).sum(1).max()))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("D", [8, 16, 256])
+def test_chosen_distance_is_the_true_minimum_on_random_data(path, D):
+    """Random data has near-ties where fp32 rounding may pick another index than the dense path; the distance of
+    the chosen code must still be the true minimum to 1e-5 relative."""
+    torch.manual_seed(1)
+    z, codebook = torch.randn(257, D), torch.randn(3001, D)
+    index, _ = run(path, nearest_code, z, codebook, code_chunk=256)
+    exact = brute_force(z, codebook)
+    chosen = exact.gather(1, index[:, None]).squeeze(1)
+    assert torch.all((chosen - exact.min(dim=1).values) <= 1e-5 * exact.min(dim=1).values)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N,K,D", SHAPES)
+def test_max_inner_product_equals_dense(path, N, K, D):
+    z, codebook = separated(N, K, D, seed=3)
+    index, value = run(path, max_inner_product, z, codebook, code_chunk=64)
+    ref_index, ref_value = max_inner_product_dense(z, codebook)
+    exact = (z.double() @ codebook.double().T).max(dim=1).values
+    assert torch.equal(index, ref_index)
+    assert torch.allclose(value.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("D", [4, 8, 24])
+def test_ties_resolve_to_the_first_index_even_across_chunks(path, D):
+    torch.manual_seed(2)
+    codebook = torch.randn(300, D)
+    codebook[250] = codebook[7]  # the same code in a later chunk
+    codebook[260] = codebook[7]
+    z = torch.cat([codebook[7:8] + 0.001, codebook[250:251], torch.randn(5, D)])
+    index, _ = run(path, nearest_code, z, codebook, code_chunk=64)
+    assert index[0] == 7 and index[1] == 7
+    assert torch.equal(index, nearest_code_dense(z, codebook)[0])
+    unit = torch.nn.functional.normalize(codebook, dim=1)  # then e_7 . e_k is largest at k = 7 and its copies
+    mip_index, _ = run(path, max_inner_product, unit[7:8], unit, code_chunk=64)
+    assert mip_index.item() == max_inner_product_dense(unit[7:8], unit)[0].item() == 7
+
+
+def test_pure_torch_fallback_when_numba_is_missing(monkeypatch):
+    z, codebook = separated(100, 999, 8)
+    monkeypatch.setattr(search, "numba", None)
+    index, dist = nearest_code(z, codebook)
+    assert torch.equal(index, nearest_code_dense(z, codebook)[0])
+    assert torch.allclose(dist, nearest_code_dense(z, codebook)[1], atol=1e-3)
+
+
+def test_bf16_and_float64_inputs_search_in_fp32_and_fp64():
+    z, codebook = separated(64, 500, 8)
+    index, dist = nearest_code(z.bfloat16(), codebook.bfloat16())
+    ref_index, _ = nearest_code_dense(z.bfloat16().float(), codebook.bfloat16().float())
+    assert dist.dtype == torch.float32 and torch.equal(index, ref_index)
+    index64, dist64 = nearest_code(z.double(), codebook.double())
+    assert dist64.dtype == torch.float64
+    assert torch.equal(index64, brute_force(z, codebook).argmin(dim=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must not push the search to bf16
+        index_ac, dist_ac = nearest_code(z, codebook)
+    assert dist_ac.dtype == torch.float32 and torch.equal(index_ac, nearest_code_dense(z, codebook)[0])
+
+
+def test_dense_mode_routes_to_the_reference_and_bad_input_is_refused():
+    z, codebook = separated(10, 50, 8)
+    with search_mode("dense"):
+        index, dist = nearest_code(z, codebook)
+    ref_index, ref_dist = nearest_code_dense(z, codebook)
+    assert torch.equal(index, ref_index) and torch.equal(dist, ref_dist)
+    with pytest.raises(ValueError, match="search mode"):
+        with search_mode("fast"):
+            pass
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        nearest_code(z, codebook[:, :4])
+    with pytest.raises(ValueError, match="empty"):
+        max_inner_product(z, codebook[:0])
+    with pytest.raises(ValueError, match="positive"):
+        nearest_code(z, codebook, code_chunk=0)
+
+
+def test_auto_chunks_bound_the_block_and_respect_overrides():
+    tokens, codes = search_chunks(100_000, 1_000_000)
+    assert tokens * codes <= search.BLOCK_ELEMENTS and codes >= 256
+    assert search_chunks(5, 3) == (5, 3)
+    assert search_chunks(4096, 100_000, token_chunk=64, code_chunk=1000) == (64, 1000)
+
+
+def test_run_workers_covers_every_item_once_and_restores_threads():
+    threads = torch.get_num_threads()
+    results = run_workers(lambda items: list(items), 11, torch.device("cpu"))
+    assert sorted(i for part in results for i in part) == list(range(11))
+    assert all(part == sorted(part) for part in results)
+    assert len(results) == min(threads, 11) and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("name,dim", [("vq", 8), ("fc", 8), ("ema", 16), ("lc", 8), ("vq", 48)])
+def test_quantizers_give_the_dense_indices_with_the_chunked_search(name, dim):
+    torch.manual_seed(0)
+    options = {"codebook": torch.randn(3000, 12)} if name == "lc" else {}
+    q = build_quantizer(name, codebook_size=3000, dim=dim, **options).eval()
+    if name != "lc":
+        with torch.no_grad():
+            q.codebook.copy_(torch.randn(3000, dim))  # spread out: vq's uniform(+-1/K) init has near-ties
+    codes = q.codebook_vectors().detach()
+    z = (codes[torch.randint(3000, (2 * 5 * 5,))] + 1e-4 * torch.randn(50, dim)).view(2, 5, 5, dim).permute(0, 3, 1, 2)
+    chunked = q(z)
+    with search_mode("dense"):
+        dense = q(z)
+    assert torch.equal(chunked.indices, dense.indices)
+    assert torch.allclose(chunked.loss, dense.loss, rtol=1e-6, atol=0)
