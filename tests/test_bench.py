@@ -21,7 +21,8 @@ def positive(x) -> bool:
 
 
 def test_rows_hold_every_path_and_positive_ratios():
-    rows = run_quantize_bench(BenchConfig(methods=("search", "vq", "ibq"), **TINY), progress=False)
+    rows = run_quantize_bench(BenchConfig(methods=("search", "vq", "ibq"), faiss_everywhere=True, **TINY),
+                              progress=False)
     assert [(r["method"], r["codebook_size"], r["dim"], r["tokens"]) for r in rows] == [
         ("search", 300, 8, 32), ("vq", 300, 8, 32), ("ibq", 300, 8, 32)]
     for row in rows:

@@ -5,7 +5,8 @@ every path alike, and takes the median of the repeats:
 - chunked: the quantizer as shipped (quantize/search.py, quantize/ibq_kernel.py);
 - dense: the same quantizer on the dense reference (`search_mode("dense")`, ibq kernel="dense");
 - vqp: vector-quantize-pytorch's VectorQuantize(dim=D, codebook_size=K), when installed (the `bench` extra);
-- faiss: faiss-cpu's exact search (IndexFlatL2; IndexFlatIP for ibq, whose lookup is a maximum inner product);
+- faiss: faiss-cpu's exact search (IndexFlatL2; IndexFlatIP for ibq, whose lookup is a maximum inner product), on
+  the "search" rows (a bare search; faiss_everywhere=True adds it to the quantizer rows);
 - cdist (the "search" rows): torch.cdist + argmin, the dense path the issue's D = 8 target is stated against;
 - matmul: the bare z @ E^T of the same shape, the floor any exact method pays.
 "forward" is a training-mode forward (the graph is built), "forward_backward" adds loss.backward(); the search rows
@@ -61,6 +62,7 @@ class BenchConfig:
     slow_seconds: float = 2.0  # a call at least this slow keeps its warm-up run as a sample (saves one run)
     row_seconds: float = 30.0  # no new round of repeats starts once a row has run this long
     max_dense_gib: float = 12.0
+    faiss_everywhere: bool = False  # faiss is a bare search: by default it is timed on the "search" rows only
     lc_features: int = LC_FEATURES
     seed: int = 0
 
@@ -244,11 +246,12 @@ def _row_paths(method: str, K: int, D: int, config: BenchConfig, notes: list[str
             paths.append(_Timed("dense", _step_phases(ibq_dense, flat, codebook, grad)))
     else:
         flat, codebook, paths = _quantizer_paths(method, K, D, config, fits, notes)
-    faiss_phase = _faiss_phase(flat.contiguous(), codebook.contiguous(), inner_product=method.startswith("ibq"))
-    if isinstance(faiss_phase, str):
-        notes.append(faiss_phase)
-    else:
-        paths.append(_Timed("faiss", faiss_phase))
+    if method == "search" or config.faiss_everywhere:
+        faiss_phase = _faiss_phase(flat.contiguous(), codebook.contiguous(), inner_product=method.startswith("ibq"))
+        if isinstance(faiss_phase, str):
+            notes.append(faiss_phase)
+        else:
+            paths.append(_Timed("faiss", faiss_phase))
     matmul, blocks = _matmul_phase(flat.contiguous(), codebook.contiguous())
     paths.append(_Timed("matmul", matmul))
     return paths, {"matmul_blocks": blocks}

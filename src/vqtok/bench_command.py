@@ -53,6 +53,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                           help="no new round of repeats once a row has run this long (default: 30)")
     quantize.add_argument("--max-dense-gib", type=float, default=12.0,
                           help="skip a dense reference whose predicted memory exceeds this (default: 12)")
+    quantize.add_argument("--faiss-everywhere", action="store_true",
+                          help="time faiss's exact search on the quantizer rows too (default: 'search' rows only)")
     quantize.add_argument("--quick", action="store_true",
                           help=f"a tiny grid: sizes {QUICK['sizes']}, dims {QUICK['dims']}, {QUICK['tokens']} tokens")
     quantize.add_argument("--json", metavar="PATH", help="also write the rows, config and environment as JSON")
@@ -74,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for name in ("repeats", "slow_seconds", "row_seconds"):
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
-    return BenchConfig(max_dense_gib=args.max_dense_gib, **base)
+    return BenchConfig(max_dense_gib=args.max_dense_gib, faiss_everywhere=args.faiss_everywhere, **base)
 
 
 def run_quantize_command(args: argparse.Namespace) -> int:
