@@ -25,11 +25,12 @@ def data(N: int, K: int, D: int, scale: float = 0.5, seed: int = 0, dtype=torch.
 
 
 def step(fn, z, codebook, grad, entropy_weight: float, **kw):
-    """Values and gradients of sum(z_q * grad) + w * (sample entropy - codebook entropy), IBQ's penalty."""
+    """Values and gradients of sum(z_q * grad) + sum(hard * grad^2) + w * (sample entropy - codebook entropy),
+    IBQ's penalty; the hard path h E gets its own upstream gradient so a mix-up with z_q's would show."""
     z = z.clone().requires_grad_()
     codebook = codebook.clone().requires_grad_()
     result = fn(z, codebook, **kw)
-    loss = (result.z_q * grad).sum()
+    loss = (result.z_q * grad).sum() + (result.hard * grad.square()).sum()
     if entropy_weight:
         loss = loss + entropy_weight * (result.sample_entropy - result.codebook_entropy)
     loss.backward()
@@ -80,7 +81,7 @@ def test_float64_matches_the_reference_to_rounding_and_passes_gradcheck():
     assert abs(float((out.codebook_entropy - ref.codebook_entropy).detach())) < 1e-12
     # The entropies are smooth in z and E (z_q's straight-through gradient is not a derivative of its value).
     z_small, codebook_small = z[:4].clone().requires_grad_(), codebook[:5].clone().requires_grad_()
-    entropies = lambda a, b: tuple(ibq_chunked(a, b, 0.5, code_chunk=2)[2:])  # noqa: E731
+    entropies = lambda a, b: tuple(ibq_chunked(a, b, 0.5, code_chunk=2)[2:4])  # noqa: E731
     assert torch.autograd.gradcheck(entropies, (z_small, codebook_small), eps=1e-6, atol=1e-7)
 
 

@@ -133,7 +133,9 @@ def test_auto_chunks_bound_the_block_and_respect_overrides():
 
 def test_run_workers_covers_every_item_once_and_restores_threads():
     threads = torch.get_num_threads()
-    results = run_workers(lambda items: list(items), 11, torch.device("cpu"))
+    results = run_workers(lambda items, worker: (worker, list(items)), 11, torch.device("cpu"))
+    assert [worker for worker, _ in results] == list(range(len(results)))
+    results = [items for _, items in results]
     assert sorted(i for part in results for i in part) == list(range(11))
     assert all(part == sorted(part) for part in results)
     assert len(results) == min(threads, 11) and torch.get_num_threads() == threads

@@ -38,7 +38,8 @@ from .quantize.search import nearest_code, search_mode
 
 METHODS = ("search", "vq", "fc", "ema", "lc", "ibq")
 EXTRA_METHODS = ("ibq_step",)  # the IBQ step alone (ibq_kernel vs ibq_dense, with the penalty): not run by default
-SIZES = (1024, 16_384, 100_000, 262_144, 1_048_576)
+SIZES = (1024, 16_384, 100_000, 262_144)  # the default grid (about 10 minutes on 2 cores)
+LARGE_SIZES = (1_048_576,)  # the grid adds these for the chunked paths: --sizes ... 1048576
 DIMS = (8, 256)
 NATURAL_DIMS = {"search": (8, 256), "vq": (256,), "fc": (8,), "ema": (256,), "lc": (8,), "ibq": (256,),
                 "ibq_step": (256,)}

@@ -34,6 +34,7 @@ class IBQResult(NamedTuple):
     indices: Tensor  # (N,) int64
     sample_entropy: Tensor  # scalar: mean_n H(softmax(l_n / T))
     codebook_entropy: Tensor  # scalar: H(mean_n softmax(l_n / T))
+    hard: Tensor  # (N, D): z_q' = h E, value e_k*, gradient only to the rows k* of E (the codebook loss term)
 
 
 def ibq_dense(z: Tensor, codebook: Tensor, temperature: float = 0.01) -> IBQResult:
@@ -42,13 +43,14 @@ def ibq_dense(z: Tensor, codebook: Tensor, temperature: float = 0.01) -> IBQResu
     p = logits.softmax(dim=1)  # (N, K)
     indices = logits.argmax(dim=1)  # (N,)
     # Ind E with Ind = h - sg(p) + p, written so the forward value is exactly e_k*: h E + (p - sg(p)) E.
-    z_q = F.embedding(indices, codebook) + (p - p.detach()) @ codebook  # (N, D)
+    hard = F.embedding(indices, codebook)  # (N, D)
+    z_q = hard + (p - p.detach()) @ codebook  # (N, D)
     log_q = (logits / temperature).log_softmax(dim=1)  # (N, K)
     q = log_q.exp()
     sample_entropy = -(q * log_q).sum(dim=1).mean()
     avg_q = q.mean(dim=0)  # (K,)
     codebook_entropy = -(avg_q * (avg_q + CODEBOOK_ENTROPY_EPS).log()).sum()
-    return IBQResult(z_q, indices, sample_entropy, codebook_entropy)
+    return IBQResult(z_q, indices, sample_entropy, codebook_entropy, hard)
 
 
 @register("ibq")
@@ -96,8 +98,8 @@ class IBQuantizer(Quantizer):
         """The whole differentiable IBQ computation, behind one call so a fused kernel can stand in for it."""
         from .ibq_kernel import DENSE_MAX_ELEMENTS, ibq_chunked  # imported here: ibq_kernel imports this module
 
-        dense = self.kernel == "dense" or (self.kernel == "auto" and z.shape[0] * codebook.shape[0] <= DENSE_MAX_ELEMENTS)
-        if dense:
+        small = z.shape[0] * codebook.shape[0] <= DENSE_MAX_ELEMENTS
+        if self.kernel == "dense" or (self.kernel == "auto" and small):
             return ibq_dense(z, codebook, self.entropy_temperature)
         # Without the penalty the entropies are never read: skip the pass and the terms they need (they come back NaN).
         return ibq_chunked(z, codebook, self.entropy_temperature, entropy=self.entropy_weight > 0)
@@ -105,13 +107,14 @@ class IBQuantizer(Quantizer):
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         codebook = self.codebook_vectors()  # (K, D)
         if self.training:
+            # The step returns the hard path h E too: the fused kernel adds its gradient into the same dE rows,
+            # where a separate F.embedding would allocate a second dense (K, D) gradient (1 GiB at K = 2^20, D = 256).
             result = self.ibq_step(z, codebook)
-            indices, z_q = result.indices, result.z_q
+            indices, z_q, hard = result.indices, result.z_q, result.hard
         else:
             indices, _ = max_inner_product(z.detach(), codebook.detach())
-            z_q = F.embedding(indices, codebook)
+            z_q = hard = F.embedding(indices, codebook)
             result = None
-        hard = F.embedding(indices, codebook)  # z_q' = h E, (N, D)
         quant, commitment, codebook_term = mse(z_q, z), mse(hard.detach(), z), mse(hard, z.detach())
         w_commit, w_codebook = (1.0, self.reduced_weight) if self.loss_convention == "code" else (self.reduced_weight, 1.0)
         loss = quant + w_commit * commitment + w_codebook * codebook_term

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ibq import CODEBOOK_ENTROPY_EPS, IBQResult
-from .search import run_workers
+from .search import run_workers, worker_count
 
 CHUNK_ELEMENTS = 1024 * 1024  # elements of one (tokens x codes) buffer: 4 MiB in fp32; a few live per worker
 MIN_CODE_CHUNK = 64
@@ -57,17 +57,19 @@ def ibq_chunked(
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
     if z.shape[0] == 0 or codebook.shape[0] == 0:
-        raise ValueError(f"the IBQ step needs at least one token and one code, got N={z.shape[0]}, K={codebook.shape[0]}")
+        raise ValueError(f"the IBQ step needs at least one token and one code, "
+                         f"got N={z.shape[0]}, K={codebook.shape[0]}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     chunk = ibq_code_chunk(z.shape[0], codebook.shape[0], code_chunk)
-    z_q, indices, sample_entropy, codebook_entropy = _IBQFunction.apply(z, codebook, float(temperature), chunk, entropy)
-    return IBQResult(z_q, indices, sample_entropy, codebook_entropy)
+    z_q, hard, indices, sample_entropy, codebook_entropy = _IBQFunction.apply(
+        z, codebook, float(temperature), chunk, entropy)
+    return IBQResult(z_q, indices, sample_entropy, codebook_entropy, hard)
 
 
 @dataclass
 class _Softmax:
-    """Online-softmax state over some codes, per token (N,): max logit m, its index, s = sum exp(l - m),
+    """Online-softmax state over some codes, per token (N,): max logit m, its first index, s = sum exp(l - m),
     y = sum exp(l - m) e (N, D); with the entropy, s_q = sum exp(a) and w = sum exp(a) a, a = (l - m) / T."""
 
     m: Tensor
@@ -76,6 +78,26 @@ class _Softmax:
     y: Tensor
     s_q: Tensor | None
     w: Tensor | None
+
+    def absorb(self, other: "_Softmax", temperature: float, ties_to_lower: bool) -> None:
+        """In place: the state over both sets of codes; each side's sums are rescaled to the common max
+        (exp(a + shift) = exp(a) exp(shift)). Within one worker `other` holds later codes, so a tie keeps
+        self's index; across workers ties_to_lower picks the lower index (other.index may be unset where
+        other.m <= self.m within a worker)."""
+        m = torch.maximum(self.m, other.m)
+        take = other.m > self.m
+        if ties_to_lower:
+            take |= (other.m == self.m) & (other.index < self.index)
+        self.index = torch.where(take, other.index, self.index)
+        fa, fb = torch.exp(self.m - m), torch.exp(other.m - m)
+        self.s = self.s * fa + other.s * fb
+        self.y.mul_(fa[:, None]).addcmul_(other.y, fb[:, None])  # (N, D), in place: no allocation per chunk
+        if self.s_q is not None:
+            shift_a, shift_b = (self.m - m) / temperature, (other.m - m) / temperature  # <= 0
+            ga, gb = torch.exp(shift_a), torch.exp(shift_b)
+            self.w = ga * (self.w + shift_a * self.s_q) + gb * (other.w + shift_b * other.s_q)
+            self.s_q = ga * self.s_q + gb * other.s_q
+        self.m = m
 
 
 @dataclass
@@ -93,66 +115,67 @@ class _Stats:
     near: list[Tensor] | None = None  # (token, code, logit) of the entries within the window of the max
 
 
-def _chunk_softmax(
-    logits: Tensor, m: Tensor, arg: Tensor, e_blk: Tensor, k0: int, temperature: float, entropy: bool
-) -> _Softmax:
-    """The state of one chunk from its logits (N, c), their row max m and its first index arg; `logits` is scratch."""
-    p = torch.softmax(logits, dim=1)  # (N, c), normalised within the chunk: one fused pass
-    s = 1.0 / p.gather(1, arg[:, None]).squeeze(1)  # p at the chunk's max is exp(0) / s
-    y = (p @ e_blk).mul_(s[:, None])  # (N, D) sum exp(l - m) e
+def _buffers(workers: int, *sizes: int, like: Tensor) -> list[list[Tensor]]:
+    """Flat scratch buffers for each worker, allocated here (the calling thread: see run_workers)."""
+    return [[torch.empty(n, dtype=like.dtype, device=like.device) for n in sizes] for _ in range(workers)]
+
+
+def _view(buffer: Tensor, rows: int, cols: int) -> Tensor:
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _chunk_softmax(logits: Tensor, m: Tensor, index: Tensor, e_blk: Tensor, temperature: float, entropy: bool,
+                   p_buffer: Tensor, y_buffer: Tensor) -> _Softmax:
+    """The state of one chunk from its logits (N, c), their row max m and index (valid where needed); the
+    logits are used as scratch, p and y live in the given buffers."""
+    p = torch._softmax(logits, 1, False, out=_view(p_buffer, *logits.shape))  # normalised in the chunk: one pass
+    s = 1.0 / p.amax(dim=1)  # p at the chunk's max is exp(0) / s
+    y = torch.mm(p, e_blk, out=_view(y_buffer, p.shape[0], e_blk.shape[1])).mul_(s[:, None])  # sum exp(l - m) e
     s_q = w = None
     if entropy:
         a = logits.sub_(m[:, None]).div_(temperature).clamp_(min=EXP_FLOOR[logits.dtype])  # (l - m) / T <= 0
         q = torch.exp(a, out=p)  # unnormalised q, in p's buffer
         s_q, w = q.sum(dim=1), q.mul_(a).sum(dim=1)
-    return _Softmax(m, arg + k0, s, y, s_q, w)
-
-
-def _merge(a: _Softmax, b: _Softmax, temperature: float) -> _Softmax:
-    """The state over the codes of both: rescale each side's sums to the common max (exp(a') = exp(a) exp(shift))."""
-    m = torch.maximum(a.m, b.m)
-    take_b = (b.m > a.m) | ((b.m == a.m) & (b.index < a.index))  # ties: the lower index, as argmax
-    index = torch.where(take_b, b.index, a.index)
-    fa, fb = torch.exp(a.m - m), torch.exp(b.m - m)
-    s, y = a.s * fa + b.s * fb, a.y * fa[:, None] + b.y * fb[:, None]
-    s_q = w = None
-    if a.s_q is not None:
-        shift_a, shift_b = (a.m - m) / temperature, (b.m - m) / temperature  # <= 0
-        ga, gb = torch.exp(shift_a), torch.exp(shift_b)
-        w = ga * (a.w + shift_a * a.s_q) + gb * (b.w + shift_b * b.s_q)  # sum exp(a + shift) (a + shift)
-        s_q = ga * a.s_q + gb * b.s_q
     return _Softmax(m, index, s, y, s_q, w)
 
 
 def _first_pass(z: Tensor, codebook: Tensor, temperature: float, chunk: int, entropy: bool) -> _Stats:
     """Online softmax over code chunks: argmax, log-sum-exp, y = p E and (entropy) H(q_n)."""
-    N, K = z.shape[0], codebook.shape[0]
+    N, K, D = z.shape[0], codebook.shape[0], z.shape[1]
+    n_chunks = -(-K // chunk)
+    workers = worker_count(n_chunks, z.device)
+    buffers = _buffers(workers, N * chunk, N * chunk, N * chunk, N * D, N * D, like=z)
+    masks = [torch.empty(N * chunk, dtype=torch.bool, device=z.device) for _ in range(workers)]
     window = -EXP_FLOOR[z.dtype] * temperature  # codes with l < max - window have q < exp(EXP_FLOOR)
     # On CUDA the second pass is cheap and collecting entries would synchronise once per chunk.
     collect = entropy and z.device.type == "cpu"
 
-    def work(chunks: Iterable[int]) -> tuple[_Softmax, list[tuple[Tensor, Tensor, Tensor]] | None]:
-        buffer, state = torch.empty(N * chunk, dtype=z.dtype, device=z.device), None
-        near: list[tuple[Tensor, Tensor, Tensor]] | None = [] if collect else None
-        kept = 0
+    def work(chunks: Iterable[int], w: int) -> tuple[_Softmax, list[tuple[Tensor, Tensor, Tensor]] | None]:
+        logits_buffer, p_buffer, spare, y_buffer, y_state = buffers[w]
+        state, near, kept = None, ([] if collect else None), 0
         for i in chunks:
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]  # (c, D)
-            logits = torch.mm(z, e_blk.T, out=buffer[: N * e_blk.shape[0]].view(N, -1))  # (N, c)
-            m, arg = logits.max(dim=1)  # first index on ties
+            logits = torch.mm(z, e_blk.T, out=_view(logits_buffer, N, e_blk.shape[0]))  # (N, c)
+            m = logits.amax(dim=1)  # (N,) values only: the index is looked up where it matters
+            index = _argmax_where(logits, m, state, k0, spare)
             if near is not None:  # every (n, k) that can still carry q mass, against this worker's running max
                 running = m if state is None else torch.maximum(state.m, m)
-                near.append(_near_max(logits, running - window, k0))
+                near.append(_near_max(logits, running - window, k0, masks[w]))
                 kept += len(near[-1][0])
                 if kept > NEAR_PER_TOKEN * N:
                     near = None  # q is too flat for the shortcut: the second pass will recompute it
-            part = _chunk_softmax(logits, m, arg, e_blk, k0, temperature, entropy)
-            state = part if state is None else _merge(state, part, temperature)
+            part = _chunk_softmax(logits, m, index, e_blk, temperature, entropy, p_buffer, y_buffer)
+            if state is None:
+                part.y = y_state.view(N, D).copy_(part.y)  # the state owns its y; the chunk's lives in y_buffer
+                state = part
+            else:
+                state.absorb(part, temperature, ties_to_lower=False)
         return state, near
 
-    (state, near), *others = run_workers(work, -(-K // chunk), z.device)  # every worker has at least one chunk
+    (state, near), *others = run_workers(work, n_chunks, z.device)  # every worker has at least one chunk
     for other, other_near in others:
-        state = _merge(state, other, temperature)
+        state.absorb(other, temperature, ties_to_lower=True)
         near = near + other_near if near is not None and other_near is not None else None
     stats = _Stats(index=state.index, max_logit=state.m, lse=state.m + state.s.log(), soft=state.y / state.s[:, None])
     if entropy:
@@ -162,9 +185,24 @@ def _first_pass(z: Tensor, codebook: Tensor, temperature: float, chunk: int, ent
     return stats
 
 
-def _near_max(logits: Tensor, threshold: Tensor, k0: int) -> tuple[Tensor, Tensor, Tensor]:
+def _argmax_where(logits: Tensor, chunk_max: Tensor, state: _Softmax | None, k0: int, spare: Tensor) -> Tensor:
+    """The chunk's argmax + k0 for every token on a worker's first chunk (and always on CUDA, where looking up
+    rows would synchronise), else only where the chunk's max beats the running one (elsewhere the index is never
+    taken; -1 marks it): argmax with indices costs ~15x amax on CPU. Rows are copied into `spare` to search them."""
+    if state is None or logits.device.type != "cpu":
+        return logits.argmax(dim=1) + k0  # first index on ties
+    index = torch.full_like(state.index, -1)
+    rows = (chunk_max > state.m).nonzero().squeeze(1)
+    if rows.numel():
+        sub = torch.index_select(logits, 0, rows, out=_view(spare, rows.numel(), logits.shape[1]))
+        index[rows] = sub.argmax(dim=1) + k0
+    return index
+
+
+def _near_max(logits: Tensor, threshold: Tensor, k0: int, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(token, code, logit) of every entry of logits (N, c) at or above its row's threshold (N,)."""
-    token, code = (logits >= threshold[:, None]).nonzero(as_tuple=True)
+    token, code = torch.ge(logits, threshold[:, None], out=mask[: logits.numel()].view(logits.shape)).nonzero(
+        as_tuple=True)
     return token, code + k0, logits[token, code]
 
 
@@ -198,25 +236,27 @@ def _log_q(logits: Tensor, stats: _Stats, temperature: float) -> Tensor:
 def _second_pass(z: Tensor, codebook: Tensor, stats: _Stats, temperature: float, chunk: int) -> Tensor:
     """mean_n q per chunk (exact: a chunk holds every token), H(mean q), c and <q_n, c>. Returns H(mean q)."""
     N, K = z.shape[0], codebook.shape[0]
+    n_chunks = -(-K // chunk)
+    buffers = _buffers(worker_count(n_chunks, z.device), N * chunk, N * chunk, like=z)
     stats.c = torch.empty(K, dtype=z.dtype, device=z.device)
 
-    def work(chunks: Iterable[int]) -> tuple[Tensor, Tensor]:
-        buffer = torch.empty(2 * N * chunk, dtype=z.dtype, device=z.device)
+    def work(chunks: Iterable[int], w: int) -> tuple[Tensor, Tensor]:
+        logits_buffer, q_buffer = buffers[w]
         entropy = torch.zeros((), dtype=z.dtype, device=z.device)
         q_dot_c = torch.zeros(N, dtype=z.dtype, device=z.device)
         for i in chunks:
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]
             c = e_blk.shape[0]
-            logits = torch.mm(z, e_blk.T, out=buffer[: N * c].view(N, c))
-            q = torch.exp(_log_q(logits, stats, temperature), out=buffer[N * c: 2 * N * c].view(N, c))  # (N, c)
+            logits = torch.mm(z, e_blk.T, out=_view(logits_buffer, N, c))
+            q = torch.exp(_log_q(logits, stats, temperature), out=_view(q_buffer, N, c))  # (N, c)
             part, c_blk = _codebook_entropy_terms(q.sum(dim=0) / N)  # from mean_n q (c,)
             entropy += part
             stats.c[k0:k0 + c] = c_blk
             q_dot_c.addmv_(q, c_blk)
         return entropy, q_dot_c
 
-    entropies, q_dot_cs = zip(*run_workers(work, -(-K // chunk), z.device))
+    entropies, q_dot_cs = zip(*run_workers(work, n_chunks, z.device))
     stats.q_dot_c = torch.stack(q_dot_cs).sum(dim=0)
     return torch.stack(entropies).sum()
 
@@ -232,19 +272,21 @@ def _backward(
     p_dot_g = (grad_zq * stats.soft).sum(dim=1)  # (N,) <p, g> = G . (p E)
     row = -alpha * stats.sample_entropy - beta * stats.q_dot_c if entropy else None  # (N,) per-token entropy part
     de = torch.empty_like(codebook) if need_de else None
+    n_chunks = -(-K // chunk)
+    workers = worker_count(n_chunks, z.device)
+    buffers = _buffers(workers, 2 * N * chunk, N * chunk if entropy else 0, like=z)
+    dz = torch.zeros(workers, *z.shape, dtype=z.dtype, device=z.device) if need_dz else None  # one per worker
 
-    def work(chunks: Iterable[int]) -> Tensor | None:
-        both_buffer = torch.empty(2 * N * chunk, dtype=z.dtype, device=z.device)
-        log_q_buffer = torch.empty(N * chunk if entropy else 0, dtype=z.dtype, device=z.device)
-        dz = torch.zeros_like(z) if need_dz else None
+    def work(chunks: Iterable[int], w: int) -> None:
+        both_buffer, log_q_buffer = buffers[w]
         for i in chunks:
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]
             c = e_blk.shape[0]
-            both = torch.mm(z_and_grad, e_blk.T, out=both_buffer[: 2 * N * c].view(2 * N, c))
+            both = torch.mm(z_and_grad, e_blk.T, out=_view(both_buffer, 2 * N, c))
             logits, dl = both[:N], both[N:]  # l (N, c) and g (N, c)
             if entropy:
-                log_q = _log_q(log_q_buffer[: N * c].view(N, c).copy_(logits), stats, temperature)  # (N, c)
+                log_q = _log_q(_view(log_q_buffer, N, c).copy_(logits), stats, temperature)  # (N, c)
             p = logits.sub_(stats.lse[:, None]).clamp_(min=EXP_FLOOR[z.dtype]).exp_()  # (N, c)
             dl.sub_(p_dot_g[:, None]).mul_(p)  # p (g - <p, g>)
             if entropy:
@@ -252,16 +294,14 @@ def _backward(
                 # -alpha q (log q + H) + beta q (c - <q, c>) = q (-alpha log q + beta c + row)
                 dl.addcmul_(q, log_q.mul_(-alpha).add_(beta * stats.c[k0:k0 + c]).add_(row[:, None]))
             if need_dz:
-                dz.addmm_(dl, e_blk)  # (N, D)
+                dz[w].addmm_(dl, e_blk)  # (N, D)
             if need_de:
                 torch.mm(dl.T, z, out=de[k0:k0 + c])  # (c, D)
-        return dz
 
-    parts = run_workers(work, -(-K // chunk), z.device)
-    dz = torch.stack(parts).sum(dim=0) if need_dz else None
+    run_workers(work, n_chunks, z.device)
     if need_de:
         de.index_add_(0, stats.index, grad_zq)  # the one-hot path: dE_k* += G
-    return dz, de
+    return (dz.sum(dim=0) if need_dz else None), de
 
 
 class _IBQFunction(torch.autograd.Function):
@@ -273,6 +313,7 @@ class _IBQFunction(torch.autograd.Function):
             zc, ec = z.detach().to(dtype).contiguous(), codebook.detach().to(dtype).contiguous()
             stats = _first_pass(zc, ec, temperature, chunk, entropy)
             z_q = F.embedding(stats.index, ec).to(out_dtype)  # exactly e_k*
+            hard = z_q.clone()  # h E: the same value, its own gradient (to E's rows k* only)
             nan = torch.full((), float("nan"), dtype=dtype, device=z.device)
             sample_entropy = stats.sample_entropy.mean() if entropy else nan
             if not entropy:
@@ -288,10 +329,10 @@ class _IBQFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(stats.index)
         if not entropy:
             ctx.mark_non_differentiable(sample_entropy, codebook_entropy)
-        return z_q, stats.index, sample_entropy, codebook_entropy
+        return z_q, hard, stats.index, sample_entropy, codebook_entropy
 
     @staticmethod
-    def backward(ctx, grad_zq, _grad_indices, grad_sample, grad_codebook):
+    def backward(ctx, grad_zq, grad_hard, _grad_indices, grad_sample, grad_codebook):
         zc, ec = ctx.saved_tensors
         need_dz, need_de = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dz or need_de):
@@ -305,5 +346,9 @@ class _IBQFunction(torch.autograd.Function):
                 alpha = (zero if grad_sample is None else grad_sample.to(zc.dtype)) * scale
                 beta = (zero if grad_codebook is None else grad_codebook.to(zc.dtype)) * scale
             dz, de = _backward(zc, ec, ctx.stats, grad_zq, alpha, beta, ctx.temperature, ctx.chunk, need_dz, need_de)
+            if de is not None and grad_hard is not None:
+                de.index_add_(0, ctx.stats.index, grad_hard.to(zc.dtype))  # the hard path: dE_k* += G'
         z_dtype, e_dtype = ctx.dtypes
-        return (dz.to(z_dtype) if dz is not None else None), (de.to(e_dtype) if de is not None else None), None, None, None
+        dz = dz.to(z_dtype) if dz is not None else None
+        de = de.to(e_dtype) if de is not None else None
+        return dz, de, None, None, None

@@ -32,8 +32,8 @@ R = TypeVar("R")
 SEARCH_MODES = ("auto", "chunked", "dense")
 FUSED_MAX_DIM = 32  # above this the fused loop loses to a blocked matmul
 FUSED_TOKENS = 128  # tokens per block of the fused loop: 8 AVX-512 registers of running best per code
-BLOCK_ELEMENTS = 4 * 1024 * 1024  # elements of one (tokens x codes) block of the chunked path: 16 MiB in fp32
-MAX_TOKEN_CHUNK = 1024
+BLOCK_ELEMENTS = 1024 * 1024  # elements of one (tokens x codes) block of the chunked path: 4 MiB in fp32
+MAX_TOKEN_CHUNK = 2048
 
 _mode: contextvars.ContextVar[str] = contextvars.ContextVar("vqtok_search_mode", default="auto")
 _fused_lock = threading.Lock()  # numba's default threading layer must not be entered from two threads at once
@@ -64,11 +64,10 @@ def nearest_code(
     if mode == "dense":
         return nearest_code_dense(z, codebook)
     z, codebook = _compute_dtype(z, codebook)
-    code_sq = codebook.pow(2).sum(1)  # (K,) ||e||^2, as the dense path computes it
-    z_sq = z.pow(2).sum(1)  # (N,)
+    code_sq, z_sq = _squared_norms(codebook), _squared_norms(z)  # (K,), (N,)
     if mode == "auto" and _fused_applies(z, codebook):
         # argmin_k ||e_k||^2 + z . (-2 e_k): scaling by -2 is exact, so this is the dense expansion less ||z||^2.
-        index, best = _fused_argmin(z, -2.0 * codebook, code_sq)
+        index, best = _fused_argmin(z, codebook, -2.0, code_sq)
     else:
         index, best = _chunked_argbest(z, codebook, code_sq, -2.0, False, token_chunk, code_chunk)
     return index, z_sq + best
@@ -87,7 +86,7 @@ def max_inner_product(
     z, codebook = _compute_dtype(z, codebook)
     if mode == "auto" and _fused_applies(z, codebook):
         # argmax z.e = argmin z.(-e) with the same first-index tie rule; negation is exact.
-        index, best = _fused_argmin(z, -codebook, codebook.new_zeros(codebook.shape[0]))
+        index, best = _fused_argmin(z, codebook, -1.0, codebook.new_zeros(codebook.shape[0]))
         return index, -best
     return _chunked_argbest(z, codebook, None, 1.0, True, token_chunk, code_chunk)
 
@@ -120,23 +119,30 @@ def search_chunks(n_tokens: int, n_codes: int, token_chunk: int | None = None,
     return tokens, min(codes, max(n_codes, 1))
 
 
-def run_workers(work: Callable[[Iterable[int]], R], n_items: int, device: torch.device) -> list[R]:
-    """Run `work` over the items 0..n_items-1 and return one result per worker, in worker order.
+def worker_count(n_items: int, device: torch.device) -> int:
+    """How many workers `run_workers` uses for n_items items: one per intra-op thread on CPU, else one."""
+    return max(1, min(torch.get_num_threads(), n_items)) if device.type == "cpu" else 1
 
-    On CPU with several intra-op threads, worker w of W takes items w, w + W, ... (increasing, the same every call:
-    results are deterministic) and runs torch single-threaded. Why: an intra-op parallel op ends in a barrier, and
-    on cores shared with other processes each barrier waits for the other thread's next time slice (milliseconds),
-    which a chunked loop would pay thousands of times. Elsewhere (CUDA, one thread) `work` runs once, here.
+
+def run_workers(work: Callable[[Iterable[int], int], R], n_items: int, device: torch.device) -> list[R]:
+    """Run work(items, worker) over the items 0..n_items-1 and return one result per worker, in worker order.
+
+    On CPU with several intra-op threads, worker w of W (`worker_count`) takes items w, w + W, ... (increasing, the
+    same every call: results are deterministic) and runs torch single-threaded. Why: an intra-op parallel op ends
+    in a barrier, and on cores shared with other processes each barrier waits for the other thread's next time
+    slice (milliseconds), which a chunked loop would pay thousands of times. Elsewhere (CUDA, one thread) `work`
+    runs once, here. Callers allocate each worker's large buffers beforehand, in their own thread: glibc gives
+    every new thread its own arena and keeps what was freed there resident (hundreds of MiB per call otherwise).
     Callers merge the results; within a worker items increase, so "strictly better" keeps the first index, and
     merges break ties by the lower index."""
-    workers = min(torch.get_num_threads(), n_items) if device.type == "cpu" else 1
-    if workers <= 1:
-        return [work(range(n_items))]
+    workers = worker_count(n_items, device)
+    if workers == 1:
+        return [work(range(n_items), 0)]
 
     def worker(first: int) -> R:
         torch.set_num_threads(1)  # this thread's OpenMP/MKL setting (and the default new threads start from)
         with torch.no_grad(), torch.autocast(device_type="cpu", enabled=False):
-            return work(range(first, n_items, workers))
+            return work(range(first, n_items, workers), first)
 
     threads = torch.get_num_threads()
     try:
@@ -144,6 +150,11 @@ def run_workers(work: Callable[[Iterable[int]], R], n_items: int, device: torch.
             return list(pool.map(worker, range(workers)))
     finally:
         torch.set_num_threads(threads)  # restores the default that new threads start from
+
+
+def _squared_norms(x: Tensor, rows: int = 65536) -> Tensor:
+    """x.pow(2).sum(1), the same values as the dense path, a block of rows at a time (no (K, D) temporary)."""
+    return torch.cat([x[r:r + rows].pow(2).sum(1) for r in range(0, x.shape[0], rows)])
 
 
 def _check(z: Tensor, codebook: Tensor) -> None:
@@ -169,45 +180,47 @@ def _chunked_argbest(
     chunks and each keeps its own running best (N values), merged at the end."""
     N, K = z.shape[0], codes.shape[0]
     tokens, chunk = search_chunks(N, K, token_chunk, code_chunk)
+    token_blocks = -(-N // tokens)
+    n_items = -(-K // chunk) * token_blocks  # item i: code chunk i // token_blocks, token block i % token_blocks
+    workers = worker_count(n_items, z.device)
+    fill = float("-inf") if largest else float("inf")
+    best = torch.full((workers, N), fill, dtype=z.dtype, device=z.device)
+    index = torch.zeros(workers, N, dtype=torch.int64, device=z.device)
+    scratch = torch.empty(workers, 2, tokens * chunk, dtype=z.dtype, device=z.device)  # scores, improving rows
 
-    def work(chunks: Iterable[int]) -> tuple[Tensor, Tensor]:
-        fill = float("-inf") if largest else float("inf")
-        best = torch.full((N,), fill, dtype=z.dtype, device=z.device)
-        index = torch.zeros(N, dtype=torch.int64, device=z.device)
-        buffer = torch.empty(tokens * chunk, dtype=z.dtype, device=z.device)
-        for i in chunks:
-            k0 = i * chunk
-            e_blk = codes[k0:k0 + chunk]
-            for n0 in range(0, N, tokens):
-                z_blk = z[n0:n0 + tokens]
-                scores = buffer[: z_blk.shape[0] * e_blk.shape[0]].view(z_blk.shape[0], e_blk.shape[0])
-                if bias is None:
-                    torch.mm(z_blk, e_blk.T, out=scores)  # (n, c)
-                else:
-                    torch.addmm(bias[k0:k0 + chunk], z_blk, e_blk.T, alpha=alpha, out=scores)  # (n, c)
-                _update_best(scores, best[n0:n0 + tokens], index[n0:n0 + tokens], k0, largest)
-        return best, index
+    def work(items: Iterable[int], w: int) -> None:
+        for i in items:  # a token block meets its code chunks in increasing order within a worker
+            k0, n0 = (i // token_blocks) * chunk, (i % token_blocks) * tokens
+            e_blk, z_blk = codes[k0:k0 + chunk], z[n0:n0 + tokens]
+            scores = scratch[w, 0, : z_blk.shape[0] * e_blk.shape[0]].view(z_blk.shape[0], e_blk.shape[0])
+            if bias is None:
+                torch.mm(z_blk, e_blk.T, out=scores)  # (n, c)
+            else:
+                torch.addmm(bias[k0:k0 + chunk], z_blk, e_blk.T, alpha=alpha, out=scores)  # (n, c)
+            _update_best(scores, best[w, n0:n0 + tokens], index[w, n0:n0 + tokens], k0, largest, scratch[w, 1])
 
     with torch.autocast(device_type=z.device.type, enabled=False):
-        results = run_workers(work, -(-K // chunk), z.device)
-    best, index = results[0]
-    for other_best, other_index in results[1:]:
-        _keep_better(best, index, other_best, other_index, 0, largest)
-    return index, best
+        run_workers(work, n_items, z.device)
+    for w in range(1, workers):
+        _keep_better(best[0], index[0], best[w], index[w], 0, largest)
+    return index[0], best[0]
 
 
-def _update_best(scores: Tensor, best: Tensor, index: Tensor, offset: int, largest: bool) -> None:
+def _update_best(scores: Tensor, best: Tensor, index: Tensor, offset: int, largest: bool, spare: Tensor) -> None:
     """In place: the running best (n,) and its index against a block of scores (n, c) whose codes start at offset.
 
     On CPU the values come from amin/amax (a vectorised reduction, ~15x cheaper than min with indices) and the
-    index is looked up only in the rows that improve, which after the first chunks are few."""
+    index is looked up only in the rows that improve (copied into `spare`), which after the first chunks are few."""
     if scores.device.type != "cpu":
         _keep_better(best, index, *(scores.max(dim=1) if largest else scores.min(dim=1)), offset, largest)
         return
     value = scores.amax(dim=1) if largest else scores.amin(dim=1)  # (n,)
     rows = (value > best if largest else value < best).nonzero().squeeze(1)  # strict: earlier codes win ties
-    if rows.numel():
-        sub = scores.index_select(0, rows)  # (r, c)
+    if rows.numel() == scores.shape[0]:  # every row improves (a token block's first chunk): no copy
+        best.copy_(value)
+        index.copy_((scores.argmax(dim=1) if largest else scores.argmin(dim=1)) + offset)
+    elif rows.numel():
+        sub = torch.index_select(scores, 0, rows, out=spare[: rows.numel() * scores.shape[1]].view(-1, scores.shape[1]))
         best[rows] = value[rows]
         index[rows] = (sub.argmax(dim=1) if largest else sub.argmin(dim=1)) + offset  # first index on ties
 
@@ -226,8 +239,9 @@ def _fused_applies(z: Tensor, codebook: Tensor) -> bool:
             and codebook.dtype == torch.float32 and z.shape[1] <= FUSED_MAX_DIM)
 
 
-def _fused_argmin(z: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """argmin_k bias_k + z . weight_k per token with the numba loop; z (N, D), weight (K, D), bias (K,) fp32 CPU."""
+def _fused_argmin(z: Tensor, codebook: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """argmin_k bias_k + z . (scale e_k) per token with the numba loop; z (N, D), codebook (K, D), bias (K,) fp32
+    CPU. scale is -2 or -1: exact in floating point."""
     N, D = z.shape
     groups = -(-D // 8)
     blocks = -(-N // FUSED_TOKENS)
@@ -235,8 +249,9 @@ def _fused_argmin(z: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tens
     padded = z.new_zeros(blocks * FUSED_TOKENS, groups * 8)
     padded[:N, :D] = z
     zt = padded.view(blocks, FUSED_TOKENS, groups, 8).permute(0, 2, 3, 1).contiguous()  # (B, G, 8, T)
-    w = weight.new_zeros(weight.shape[0], groups * 8)  # zero dims add exactly 0
-    w[:, :D] = weight
+    w = codebook.new_zeros(codebook.shape[0], groups * 8)  # zero dims add exactly 0
+    w[:, :D] = codebook
+    w.mul_(scale)
     index = torch.empty(blocks * FUSED_TOKENS, dtype=torch.int64)
     best = torch.empty(blocks * FUSED_TOKENS, dtype=torch.float32)
     kernel = _fused_argmin_one_group if groups == 1 else _fused_argmin_groups
