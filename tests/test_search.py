@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -156,3 +158,18 @@ def test_quantizers_give_the_dense_indices_with_the_chunked_search(name, dim):
         dense = q(z)
     assert torch.equal(chunked.indices, dense.indices)
     assert torch.allclose(chunked.loss, dense.loss, rtol=1e-6, atol=0)
+
+
+def test_the_fused_search_leaves_torchs_thread_count_alone():
+    """numba's OpenMP pool shares torch's libgomp; starting it used to switch torch to NUMBA_NUM_THREADS threads,
+    so a run under OMP_NUM_THREADS=1 changed thread count mid-way and stopped being repeatable. A fresh process,
+    where the pool starts inside the call."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from vqtok.quantize import search; assert search.numba is not None; "
+            "search.nearest_code(torch.randn(300, 8), torch.randn(1000, 8)); print(torch.get_num_threads())")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"

@@ -160,3 +160,24 @@ def test_torchrun_two_gloo_processes_stay_in_sync(tmp_path):
     # 48 crops over 2 ranks -> 3 batches of 8 per rank per epoch, 8x8 tokens each
     assert per_rank == [3 * 8 * 64, 3 * 8 * 64] and end["tokens_train"] == sum(per_rank)
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
+
+
+def test_quantizer_lr_scale_gives_the_quantizer_its_own_learning_rate(tmp_path):
+    """Adam's first step moves every parameter with a gradient by about lr (m / sqrt(v) = sign g): the codebook's
+    entries must move ~10x farther than the encoder's with quantizer_lr_scale=10, and equally with the default."""
+    from vqtok.train.trainer import Trainer
+
+    moved = {}
+    for scale in (1.0, 10.0):
+        config = tiny_config("optim.lr=1e-3", f"optim.quantizer_lr_scale={scale}")
+        trainer = Trainer(config, tmp_path / f"run-{scale}", progress=False)
+        codebook = trainer.model.quantizer.codebook.detach().clone()
+        conv = trainer.model.encoder.conv_in.weight.detach().clone()
+        x = torch.stack([trainer.train_set[i][0] for i in range(8)])
+        trainer.train_step(x)
+        step_codebook = (trainer.model.quantizer.codebook - codebook).abs().max().item()
+        step_conv = (trainer.model.encoder.conv_in.weight - conv).abs().max().item()
+        moved[scale] = step_codebook / step_conv
+    assert 0.8 < moved[1.0] < 1.25 and 8.0 < moved[10.0] < 12.5, moved
+    with pytest.raises(ValueError, match="quantizer_lr_scale"):
+        Trainer(tiny_config("optim.quantizer_lr_scale=0"), tmp_path / "bad", progress=False)

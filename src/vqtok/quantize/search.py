@@ -255,9 +255,15 @@ def _fused_argmin(z: Tensor, codebook: Tensor, scale: float, bias: Tensor) -> tu
     index = torch.empty(blocks * FUSED_TOKENS, dtype=torch.int64)
     best = torch.empty(blocks * FUSED_TOKENS, dtype=torch.float32)
     kernel = _fused_argmin_one_group if groups == 1 else _fused_argmin_groups
+    threads = torch.get_num_threads()
     with _fused_lock:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         kernel(zt.numpy(), w.numpy(), bias.contiguous().numpy(), index.numpy(), best.numpy())
+    # numba's OpenMP layer shares torch's libgomp and starting its pool sets the process's OpenMP thread count to
+    # NUMBA_NUM_THREADS: torch would then run with a different thread count from here on (measured: 1 -> 2 under
+    # OMP_NUM_THREADS=1), and a different count sums conv gradients in another order, so runs stop repeating.
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     return index[:N], best[:N]
 
 

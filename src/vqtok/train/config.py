@@ -63,6 +63,9 @@ class OptimConfig:
     milestones: tuple[int, ...] = ()  # "step": multiply by gamma at each
     gamma: float = 0.1
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    # The quantizer's parameters (lc's projector, a learned codebook) train at lr * this. 1.0 is every paper's
+    # recipe; a short schedule can raise it so lc's projector keeps up with the encoder (configs/demo.yaml).
+    quantizer_lr_scale: float = 1.0
 
 
 @dataclass

@@ -119,7 +119,7 @@ class Trainer:
         self.model = Tokenizer(config.model).to(self.device)
         self._sync_initial_weights(self.model)
         self.g_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt_g = torch.optim.Adam(self.g_params, lr=config.optim.lr, betas=tuple(config.optim.betas),
+        self.opt_g = torch.optim.Adam(self._param_groups(), lr=config.optim.lr, betas=tuple(config.optim.betas),
                                       weight_decay=config.optim.weight_decay)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lr_lambda(config))
         self.perceptual = self._build_perceptual()
@@ -393,6 +393,16 @@ class Trainer:
                 logs["lecam"] = _item(lecam)
         self._optimizer_step(self.opt_d, self.sched_d, list(self.disc.parameters()), d_loss)
         return logs
+
+    def _param_groups(self) -> list[dict]:
+        """The tokenizer's trainable parameters: the quantizer's at lr * optim.quantizer_lr_scale, the rest at lr."""
+        scale = float(self.config.optim.quantizer_lr_scale)
+        if not scale > 0:
+            raise ValueError(f"optim.quantizer_lr_scale must be positive, got {scale}")
+        quantizer = {id(p) for p in self.model.quantizer.parameters()}
+        groups = [{"params": [p for p in self.g_params if id(p) not in quantizer]},
+                  {"params": [p for p in self.g_params if id(p) in quantizer], "lr": self.config.optim.lr * scale}]
+        return [g for g in groups if g["params"]]
 
     def _optimizer_step(self, opt, sched, params: list[nn.Parameter], loss: Tensor) -> None:
         if not torch.isfinite(loss):
