@@ -25,23 +25,23 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 # The demo trains and evaluates (the trainer's final evaluation writes metrics.json, report.md and the PNGs).
-# Run again, it continues an interrupted run or re-evaluates a finished one; it never overwrites runs/demo.
-demo: install
-	if [ -f runs/demo/trainer.pt ]; then \
-		$(VENV)/bin/vqtok train --out runs/demo --resume; \
+# Run again, it continues an interrupted run or re-evaluates a finished one; it never overwrites a run.
+# $(1): the run directory, $(2): what a new run adds to configs/demo.yaml
+define demo_run
+	if [ -f $(1)/trainer.pt ]; then \
+		$(VENV)/bin/vqtok train --out $(1) --resume; \
 	else \
-		$(VENV)/bin/vqtok train --config configs/demo.yaml --out runs/demo; \
+		$(VENV)/bin/vqtok train --config configs/demo.yaml --out $(1) $(2); \
 	fi
-	@echo "report: runs/demo/report.md"
+	@echo "report: $(1)/report.md"
+endef
+
+demo: install
+	$(call demo_run,runs/demo,)
 
 # The same demo with plain vq (a learned 100,000-code codebook, nothing frozen): its collapse beside lc's usage.
 demo-vq: install
-	if [ -f runs/demo-vq/trainer.pt ]; then \
-		$(VENV)/bin/vqtok train --out runs/demo-vq --resume; \
-	else \
-		$(VENV)/bin/vqtok train --config configs/demo.yaml --out runs/demo-vq --set model.quantizer=vq; \
-	fi
-	@echo "report: runs/demo-vq/report.md"
+	$(call demo_run,runs/demo-vq,--set model.quantizer=vq)
 
 bench: install
 	$(PY) -m pip install -q -e ".[dev,bench]"

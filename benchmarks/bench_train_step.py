@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_100k_over_1024": round(ratio, 3), "target": "<= 1.2", "met": ratio <= 1.2,
     }
     print(f"tokens per step {tokens}; median step: " + ", ".join(f"K={k}: {v:.0f} ms" for k, v in median.items())
-          + f"; search alone: " + ", ".join(f"K={k}: {v:.1f} ms" for k, v in search.items()))
+          + "; search alone: " + ", ".join(f"K={k}: {v:.1f} ms" for k, v in search.items()))
     print(f"step time K=100,000 / K=1,024 = {ratio:.3f} (target <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

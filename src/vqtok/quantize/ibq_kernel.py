@@ -262,10 +262,11 @@ def _second_pass(z: Tensor, codebook: Tensor, stats: _Stats, temperature: float,
 
 
 def _backward(
-    z: Tensor, codebook: Tensor, stats: _Stats, grad_zq: Tensor, alpha: Tensor | None, beta: Tensor | None,
-    temperature: float, chunk: int, need_dz: bool, need_de: bool,
+    z: Tensor, codebook: Tensor, stats: _Stats, grad_zq: Tensor, grad_hard: Tensor | None, alpha: Tensor | None,
+    beta: Tensor | None, temperature: float, chunk: int, need_dz: bool, need_de: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """dz and dE chunk by chunk; alpha/beta are the entropy terms' scales (None when they carry no gradient)."""
+    """dz and dE chunk by chunk; alpha/beta are the entropy terms' scales (None when they carry no gradient);
+    grad_hard is the upstream gradient of the hard path h E (None: none)."""
     N, K = z.shape[0], codebook.shape[0]
     entropy = alpha is not None
     z_and_grad = torch.cat([z, grad_zq])  # (2N, D): l and g from one matmul
@@ -300,7 +301,8 @@ def _backward(
 
     run_workers(work, n_chunks, z.device)
     if need_de:
-        de.index_add_(0, stats.index, grad_zq)  # the one-hot path: dE_k* += G
+        one_hot = grad_zq if grad_hard is None else grad_zq + grad_hard
+        de.index_add_(0, stats.index, one_hot)  # the one-hot paths of z_q and of h E: dE_k* += G (+ G')
     return (dz.sum(dim=0) if need_dz else None), de
 
 
@@ -345,9 +347,9 @@ class _IBQFunction(torch.autograd.Function):
                 zero = zc.new_zeros(())
                 alpha = (zero if grad_sample is None else grad_sample.to(zc.dtype)) * scale
                 beta = (zero if grad_codebook is None else grad_codebook.to(zc.dtype)) * scale
-            dz, de = _backward(zc, ec, ctx.stats, grad_zq, alpha, beta, ctx.temperature, ctx.chunk, need_dz, need_de)
-            if de is not None and grad_hard is not None:
-                de.index_add_(0, ctx.stats.index, grad_hard.to(zc.dtype))  # the hard path: dE_k* += G'
+            grad_hard = None if grad_hard is None else grad_hard.to(zc.dtype)
+            dz, de = _backward(zc, ec, ctx.stats, grad_zq, grad_hard, alpha, beta, ctx.temperature, ctx.chunk,
+                               need_dz, need_de)
         z_dtype, e_dtype = ctx.dtypes
         dz = dz.to(z_dtype) if dz is not None else None
         de = de.to(e_dtype) if de is not None else None
