@@ -86,6 +86,31 @@ def test_evaluate_caps_images_and_reports_training_usage(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temporary file left behind
 
 
+def test_recon_images_scores_the_first_images_and_counts_codes_on_all():
+    dataset = build_dataset("photos", "val", size=32, length=10)
+
+    class CountingTokenizer(PoolTokenizer):
+        decoded = 0
+
+        def decode(self, ids: torch.Tensor) -> torch.Tensor:
+            self.decoded += ids.shape[0]
+            return super().decode(ids)
+
+    model = CountingTokenizer()
+    metrics = evaluate(model, dataset, batch_size=4, fid=False, progress=False, recon_images=6)
+    assert model.decoded == 6  # a batch of 4, then 2 of the next; the last batch only encoded
+    x = torch.stack([dataset[i][0] for i in range(10)])
+    ids = model.encode(x)
+    x_hat = model.decode(ids[:6])
+    assert metrics["images"] == 10 and metrics["recon_images"] == 6 and metrics["tokens"] == 10 * 64
+    assert metrics["utilization"] == CodeUsage(16).update(ids).utilization()
+    assert metrics["psnr"] == pytest.approx(float(psnr(x[:6], x_hat).mean()), rel=1e-9)
+    assert metrics["ssim"] == pytest.approx(float(ssim(x[:6], x_hat).mean()), rel=1e-9)
+    assert "first 6 of the 10" in metrics["protocol"]["reconstruction"]
+    with pytest.raises(ValueError, match="recon_images must be a positive"):
+        evaluate(model, dataset, fid=False, progress=False, recon_images=0)
+
+
 def test_evaluate_rejects_what_it_cannot_measure():
     dataset = build_dataset("photos", "val", size=32, length=2)
 

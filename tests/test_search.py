@@ -173,3 +173,77 @@ def test_the_fused_search_leaves_torchs_thread_count_alone():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def test_frozen_index_finds_the_exact_nearest_code_and_its_squared_distance():
+    g = torch.Generator().manual_seed(1)
+    codebook = torch.randn(5000, 8, generator=g)
+    z = torch.randn(3000, 8, generator=g)
+    index = search.FrozenCodeIndex()
+    assert index.applies(z, codebook)
+    found, distance = index.nearest_code(z, codebook, key="v0")
+    exact = brute_force(z, codebook)  # (N, K) float64
+    best, first = exact.min(dim=1)
+    assert torch.equal(found, first)
+    assert distance.dtype == torch.float32 and torch.allclose(distance.double(), best, rtol=1e-6, atol=1e-7)
+
+
+def test_frozen_index_keeps_the_first_index_of_duplicate_codes():
+    g = torch.Generator().manual_seed(2)
+    codebook = torch.randn(4096, 4, generator=g)
+    codebook[3000:3100] = codebook[100:200]  # 100 codes repeated further down the table
+    codebook[4000] = codebook[150]
+    z = codebook[100:200] + 1e-3 * torch.randn(100, 4, generator=g)
+    found, _ = search.FrozenCodeIndex().nearest_code(z, codebook, key=0)
+    assert torch.equal(found, nearest_code(z, codebook)[0])
+    assert torch.equal(found, torch.arange(100, 200))
+
+
+def test_frozen_index_rebuilds_only_when_the_key_changes():
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(4096, 8, generator=g)
+    z = torch.randn(500, 8, generator=g)
+    index = search.FrozenCodeIndex()
+    before, _ = index.nearest_code(z, codebook, key=1)
+    moved = codebook.roll(1, dims=0)  # every code now at the next index
+    stale, _ = index.nearest_code(z, moved, key=1)  # same key: the cached tree answers (the caller's promise)
+    assert torch.equal(stale, before)
+    fresh, _ = index.nearest_code(z, moved, key=2)
+    assert torch.equal(fresh, (before + 1) % 4096)
+
+
+def test_frozen_index_falls_back_where_a_tree_does_not_pay():
+    g = torch.Generator().manual_seed(4)
+    index = search.FrozenCodeIndex()
+    for K, D in ((1000, 8), (5000, 32)):
+        codebook, z = torch.randn(K, D, generator=g), torch.randn(200, D, generator=g)
+        assert not index.applies(z, codebook)
+        assert torch.equal(index.nearest_code(z, codebook, key=(K, D))[0], nearest_code(z, codebook)[0])
+    with search_mode("dense"):
+        assert not index.applies(torch.randn(3, 8), torch.randn(5000, 8))
+
+
+def test_lc_in_eval_mode_follows_every_change_of_its_projector():
+    """Evaluation reuses one k-d tree over P(C) while the projector is unchanged; an optimiser step, an in-place edit
+    or load_state_dict must each be seen (the key holds the parameters' version counters)."""
+    torch.manual_seed(0)
+    q = build_quantizer("lc", codebook_size=6000, dim=8, codebook=torch.randn(6000, 32)).eval()
+    z = torch.randn(2, 8, 6, 6)
+
+    def expected() -> torch.Tensor:
+        codes = q.codebook_vectors().detach()
+        return nearest_code_dense(z.permute(0, 2, 3, 1).reshape(-1, 8), codes)[0].view(2, 6, 6)
+
+    assert torch.equal(q(z).indices, expected())
+    opt = torch.optim.Adam(q.parameters(), lr=0.1)
+    q.train()
+    q(z).loss.backward()
+    opt.step()
+    q.eval()
+    assert torch.equal(q(z).indices, expected())
+    with torch.no_grad():
+        q.projector.weight.mul_(-1.0)
+    assert torch.equal(q(z).indices, expected())
+    other = build_quantizer("lc", codebook_size=6000, dim=8, codebook=torch.randn(6000, 32))
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q(z).indices, expected())

@@ -23,8 +23,8 @@ EPILOG = """examples:
   vqtok eval runs/demo --no-fid                         # skip rFID/rKID (the slow part on a CPU)
 
 The data defaults to the run's config.json "data" (source, size, val_length), and the image counts to its
-eval_images and fid_images, so the numbers match the final evaluation of training. metrics.json holds every number with its
-protocol (data, crop, resize, reference set, Inception weights' sha256)."""
+eval_images, fid_images and recon_images, so the numbers match the final evaluation of training. metrics.json holds
+every number with its protocol (data, crop, resize, reference set, Inception weights' sha256)."""
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +47,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fid", action="store_true", help="skip rFID and rKID")
     p.add_argument("--fid-images", type=int,
                    help="compute rFID/rKID on the first N evaluated images (default: the run's fid_images, else all)")
+    p.add_argument("--recon-images", type=int,
+                   help="reconstruct and score (PSNR, SSIM, LPIPS, rFID) only the first N evaluated images; code "
+                        "usage still counts every one (default: the run's recon_images, else all)")
     p.add_argument("--lpips-weights", help="folder holding vgg16-397923af.pth and LPIPS's vgg.pth")
     p.add_argument("--out", type=Path, help="where to write the metrics (default RUN_DIR/metrics.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     metrics = evaluate(model, dataset, batch_size=args.batch_size, device=pick_device(args.device),
                        num_workers=args.workers, fid=not args.no_fid, max_images=max_images,
                        usage_train=usage_train, progress=not args.no_progress,
-                       lpips_weights=args.lpips_weights, fid_images=args.fid_images or config.get("fid_images"))
+                       lpips_weights=args.lpips_weights, fid_images=args.fid_images or config.get("fid_images"),
+                       recon_images=args.recon_images or config.get("recon_images"))
     metrics["protocol"]["model"] = {"run_dir": str(args.run_dir), "weights": "ema.safetensors" if ema
                                     else "model.safetensors"}
     out = write_metrics(metrics, args.out or args.run_dir / "metrics.json")

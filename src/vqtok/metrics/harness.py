@@ -8,6 +8,10 @@
 LPIPS per image, Inception features of reconstructions (and of originals, cached per dataset for later calls in the
 same process). At the end: rFID and rKID between reconstruction and original features. Runs in one process (call it
 on rank 0); nothing here is collective.
+
+`recon_images` splits the two costs: code usage needs only encode(), and a 100,000-code codebook needs millions of
+tokens before its usage means much (the LC eval script counts 12.8M), while PSNR/SSIM settle within a few thousand
+images. With recon_images=M, the first M images are reconstructed and scored; the rest are encoded and counted only.
 """
 
 from __future__ import annotations
@@ -45,14 +49,18 @@ class _Totals:
 
     def __init__(self, codebook_size: int) -> None:
         self.usage = CodeUsage(codebook_size)
-        self.images = 0
+        self.images = 0  # images whose codes were counted
+        self.recon = 0  # of those, images reconstructed and scored
         self.psnr = self.ssim = self.lpips = 0.0
         self.real: list[Tensor] = []
         self.fake: list[Tensor] = []
 
-    def add(self, x: Tensor, x_hat: Tensor, ids: Tensor, lpips: nn.Module | None) -> None:
+    def count(self, ids: Tensor) -> None:
         self.usage.update(ids)
-        self.images += x.shape[0]
+        self.images += ids.shape[0]
+
+    def add(self, x: Tensor, x_hat: Tensor, lpips: nn.Module | None) -> None:
+        self.recon += x.shape[0]
         self.psnr += float(psnr(x, x_hat, mse_floor=PSNR_CAP_MSE).sum())
         self.ssim += float(ssim(x, x_hat).sum())
         if lpips is not None:
@@ -62,11 +70,13 @@ class _Totals:
 def evaluate(model: TokenizerLike, dataset: Dataset | str, *, batch_size: int = 32,
              device: str | torch.device = "cpu", num_workers: int = 0, fid: bool = True, max_images: int | None = None,
              usage_train: CodeUsage | None = None, out: str | Path | None = None, progress: bool = True,
-             lpips_weights: str | Path | None = None, fid_images: int | None = None) -> dict[str, Any]:
+             lpips_weights: str | Path | None = None, fid_images: int | None = None,
+             recon_images: int | None = None) -> dict[str, Any]:
     """Evaluate `model` on `dataset` (a Dataset of (image, label), or a source name: its "val" split) and return
     the metrics.json dict; written to `out` (atomically) when given. `usage_train`: the training histogram, already
     all-reduced, for utilization_train. fid=False skips rFID/rKID (the slow part on a CPU); fid_images computes them
-    on the first fid_images images only, while usage, PSNR, SSIM and LPIPS still cover every image."""
+    on the first fid_images images only; recon_images computes PSNR, SSIM, LPIPS (and rFID) on the first
+    recon_images only, while code usage still covers every image (module docstring)."""
     _check_model(model)
     device = torch.device(device)
     data = _as_dataset(dataset)
@@ -78,16 +88,19 @@ def evaluate(model: TokenizerLike, dataset: Dataset | str, *, batch_size: int = 
                         pin_memory=device.type == "cuda")
     inception = InceptionFeatures(device=device) if fid else None
     lpips = load_lpips(lpips_weights, device)
-    fid_count = count if fid_images is None else max(0, min(count, int(fid_images)))
+    if recon_images is not None and int(recon_images) < 1:
+        raise ValueError(f"recon_images must be a positive number of images (or None: all), got {recon_images}")
+    recon_count = count if recon_images is None else min(count, int(recon_images))
+    fid_count = recon_count if fid_images is None else max(0, min(recon_count, int(fid_images)))
     fingerprint = _fingerprint(data, fid_count, inception)
     cached = _REFERENCE_CACHE.get(fingerprint) if fingerprint else None
     totals = _stream(model, loader, device, inception, lpips, need_real=inception is not None and cached is None,
-                     progress=progress, fid_count=fid_count)
+                     progress=progress, fid_count=fid_count, recon_count=recon_count)
     real = cached if cached is not None else (torch.cat(totals.real) if totals.real else None)
     if fingerprint and real is not None:
         _remember(fingerprint, real)
     metrics = _summarise(totals, real, usage_train, lpips)
-    metrics["protocol"] = _protocol(data, totals.images, inception, lpips, fid_count)
+    metrics["protocol"] = _protocol(data, totals.images, inception, lpips, fid_count, totals.recon)
     if out is not None:
         write_metrics(metrics, out)
     return metrics
@@ -109,8 +122,9 @@ def _as_dataset(dataset: Dataset | str) -> Dataset:
 
 
 def _stream(model: TokenizerLike, loader: DataLoader, device: torch.device, inception: InceptionFeatures | None,
-            lpips: nn.Module | None, need_real: bool, progress: bool, fid_count: int) -> _Totals:
-    """One pass over the evaluation set; the model is put in eval mode (and on `device`) for the pass."""
+            lpips: nn.Module | None, need_real: bool, progress: bool, fid_count: int, recon_count: int) -> _Totals:
+    """One pass over the evaluation set; the model is put in eval mode (and on `device`) for the pass. Images past
+    the first recon_count are encoded and counted only."""
     from tqdm.auto import tqdm
 
     totals = _Totals(model.codebook_size)
@@ -122,12 +136,17 @@ def _stream(model: TokenizerLike, loader: DataLoader, device: torch.device, ince
             for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True):
                 x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device).float()  # (B, 3, H, W)
                 ids = model.encode(x)  # (B, h, w) int64
+                scored = min(x.shape[0], recon_count - totals.images)  # images of this batch to reconstruct
+                wanted = fid_count - totals.images  # Inception features still to compute
+                totals.count(ids)
+                if scored <= 0:
+                    continue
+                x, ids = x[:scored], ids[:scored]
                 x_hat = model.decode(ids).float().clamp(0.0, 1.0)  # (B, 3, H, W)
                 if x_hat.shape != x.shape:
                     raise ValueError(f"decode(encode(x)) has shape {tuple(x_hat.shape)}, x has {tuple(x.shape)}: the "
                                      "image size must be a multiple of the tokenizer's downsampling factor")
-                wanted = fid_count - totals.images  # Inception features still to compute
-                totals.add(x, x_hat, ids, lpips)
+                totals.add(x, x_hat, lpips)
                 if inception is not None and wanted > 0:
                     totals.fake.append(inception(x_hat[:wanted]).cpu())
                     if need_real:
@@ -140,8 +159,8 @@ def _stream(model: TokenizerLike, loader: DataLoader, device: torch.device, ince
 
 def _summarise(totals: _Totals, real: Tensor | None, usage_train: CodeUsage | None,
                lpips: nn.Module | None) -> dict[str, Any]:
-    n = totals.images
-    metrics: dict[str, Any] = {"images": n, **totals.usage.summary()}
+    n = totals.recon
+    metrics: dict[str, Any] = {"images": totals.images, **totals.usage.summary(), "recon_images": n}
     metrics["utilization_train"] = usage_train.utilization() if usage_train is not None else None
     metrics["tokens_train"] = usage_train.tokens if usage_train is not None else None
     metrics["psnr"] = totals.psnr / n
@@ -163,7 +182,7 @@ def kid_subset_size(images: int) -> int:
 
 
 def _protocol(data: Dataset, n: int, inception: InceptionFeatures | None, lpips: nn.Module | None,
-              fid_count: int) -> dict[str, Any]:
+              fid_count: int, recon: int) -> dict[str, Any]:
     """How every number was computed: written next to the numbers (metrics.json["protocol"])."""
     from .. import __version__
 
@@ -179,7 +198,8 @@ def _protocol(data: Dataset, n: int, inception: InceptionFeatures | None, lpips:
         "crop": described.get("crop"),
         "reference_set": f"the first {fid_count} of the {n} evaluation images before tokenization (rFID/rKID: "
                          "reconstructions vs their originals)",
-        "reconstruction": "decode(encode(x)) clamped to [0, 1], as float (not quantised) for PSNR, SSIM and LPIPS",
+        "reconstruction": "decode(encode(x)) clamped to [0, 1], as float (not quantised) for PSNR, SSIM and LPIPS, "
+                          f"on the first {recon} of the {n} images",
         "psnr": f"{PSNR_PROTOCOL}; per-image MSE floored at {PSNR_CAP_MSE:g} (100 dB)",
         "ssim": SSIM_PROTOCOL,
         "lpips": lpips.describe() if lpips is not None else NOT_FOUND,

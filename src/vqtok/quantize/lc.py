@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Quantizer, register, straight_through, two_sided_loss
-from .search import nearest_code
+from .search import FrozenCodeIndex, nearest_code
 
 CODEBOOK_KEY = "codebook"  # the tensor name inside a codebook .safetensors file
 
@@ -75,6 +75,7 @@ class LCQuantizer(Quantizer):
         self.register_buffer("codebook", features)  # frozen: a buffer, never a parameter
         self.projector = nn.Linear(features.shape[1], dim, bias=True)
         nn.init.normal_(self.projector.weight, std=dim**-0.5)
+        self._frozen_index = FrozenCodeIndex()  # evaluation's lookups: P(C) is fixed between calls there
 
     @staticmethod
     def _initial_codebook(codebook: Tensor | str | Path | None, K: int, codebook_dim: int | None) -> Tensor:
@@ -108,9 +109,18 @@ class LCQuantizer(Quantizer):
     def codebook_vectors(self) -> Tensor:
         return F.linear(self.codebook, self.projector.weight.float(), self.projector.bias.float())  # (K, D) = P(C)
 
+    def _state_key(self) -> tuple[object, ...]:
+        """Changes whenever P(C) can: any write to the codebook or the projector (optimiser step, load_state_dict,
+        in-place edit) bumps a version counter; moving or re-assigning them changes a data pointer."""
+        tensors = (self.codebook, self.projector.weight, self.projector.bias)
+        return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
+
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         projected = self.codebook_vectors()  # (K, D), recomputed every forward
-        indices, _ = nearest_code(z.detach(), projected.detach())  # (N,)
+        if self.training:
+            indices, _ = nearest_code(z.detach(), projected.detach())  # (N,)
+        else:  # P(C) stays put from batch to batch: an exact k-d tree built once answers in ~log K (search.py)
+            indices, _ = self._frozen_index.nearest_code(z.detach(), projected.detach(), self._state_key())
         codes = F.embedding(indices, projected)  # (N, D), gradient reaches the projector
         loss, terms = two_sided_loss(z, codes, self.commitment_weight, self.codebook_weight)
         return straight_through(z, codes), indices, loss, terms

@@ -9,6 +9,10 @@ Both are blocked over tokens and codes and keep the running best per token, so n
   (`run_workers`, also used by the IBQ kernel), each keeping its own running best, merged at the end.
 Ties resolve to the first index, like torch's argmin/argmax. The dense versions stay as the reference
 (`nearest_code_dense`, `max_inner_product_dense`); `search_mode("dense")` routes the quantizers to them (benchmarks).
+
+`FrozenCodeIndex` serves the other case: many lookups against a codebook that does not change between them
+(evaluation, `vqtok encode`). At D <= 16 on CPU it builds an exact k-d tree (scipy's cKDTree) once and answers each
+token in about log K steps instead of K: measured 5.1x faster than the fused loop at K = 100,000, D = 8.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import contextlib
 import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +33,8 @@ except ImportError:  # pragma: no cover - exercised only on installs without num
     numba = None
 
 R = TypeVar("R")
+KDTREE_MAX_DIM = 16  # above this a k-d tree visits most leaves and the brute-force loops win
+KDTREE_MIN_CODES = 4096  # below this building a tree costs more than scanning the codes
 SEARCH_MODES = ("auto", "chunked", "dense")
 FUSED_MAX_DIM = 32  # above this the fused loop loses to a blocked matmul
 FUSED_TOKENS = 128  # tokens per block of the fused loop: 8 AVX-512 registers of running best per code
@@ -106,6 +112,60 @@ def max_inner_product_dense(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     _check(z, codebook)
     best, index = (z @ codebook.T).max(dim=1)  # (N, K) -> (N,)
     return index, best
+
+
+class FrozenCodeIndex:
+    """Exact nearest-code search against a codebook that stays fixed from one call to the next.
+
+    `index.nearest_code(z, codebook, key)` returns what `nearest_code(z, codebook)` returns (indices, squared
+    distances). `key` names the codebook's current state (a quantizer passes its parameters' data pointers and
+    version counters, which every in-place update, optimiser step or load_state_dict bumps): while it is unchanged the
+    k-d tree built on the first call is reused; a new key rebuilds it. The tree is used on CPU for float inputs at
+    D <= KDTREE_MAX_DIM with K >= KDTREE_MIN_CODES, under search_mode("auto"); anything else goes to `nearest_code`.
+
+    Exactness: cKDTree compares exact float64 distances, where the brute-force paths expand ||e||^2 - 2 z.e in fp32,
+    so on near-ties the two can pick different codes; in the demo's evaluation 26 of 1,000,000 tokens did, each to a
+    code at least as close. Exact duplicate codes keep the first-index rule: the tree holds each distinct row once
+    and answers with its first index (without that, a tree would spread tokens over identical codes and inflate
+    the usage count)."""
+
+    def __init__(self) -> None:
+        self._key: object = None
+        self._tree: Any = None
+        self._first: np.ndarray | None = None  # tree row -> first codebook index holding that vector
+
+    @staticmethod
+    def applies(z: Tensor, codebook: Tensor) -> bool:
+        return (_mode.get() == "auto" and z.device.type == "cpu" and codebook.device.type == "cpu"
+                and z.dtype.is_floating_point and codebook.dtype.is_floating_point
+                and codebook.shape[1] <= KDTREE_MAX_DIM and codebook.shape[0] >= KDTREE_MIN_CODES)
+
+    def clear(self) -> None:
+        self._key = self._tree = self._first = None
+
+    @torch.no_grad()
+    def nearest_code(self, z: Tensor, codebook: Tensor, key: object) -> tuple[Tensor, Tensor]:
+        _check(z, codebook)
+        if not self.applies(z, codebook):
+            return nearest_code(z, codebook)
+        if key is None or key != self._key or self._tree is None:
+            self._build(codebook)
+            self._key = key
+        query = z.detach().to(torch.float64).numpy()
+        distance, row = self._tree.query(query, k=1, workers=max(1, torch.get_num_threads()))
+        index = torch.from_numpy(self._first[row])
+        squared = torch.from_numpy(np.square(distance)).to(torch.promote_types(z.dtype, codebook.dtype))
+        return index, squared
+
+    def _build(self, codebook: Tensor) -> None:
+        from scipy.spatial import cKDTree
+
+        vectors = codebook.detach().to(torch.float64).numpy()
+        if not np.isfinite(vectors).all():
+            raise ValueError("the codebook holds NaN or infinite values: no code search is meaningful")
+        distinct, first = np.unique(vectors, axis=0, return_index=True)  # first: lowest index of each distinct row
+        self._tree = cKDTree(distinct)
+        self._first = first.astype(np.int64)
 
 
 def search_chunks(n_tokens: int, n_codes: int, token_chunk: int | None = None,

@@ -86,6 +86,9 @@ class TrainConfig:
     eval_images: int | None = 256  # images for the periodic and final evaluation (None: the whole validation set)
     fid: bool = True  # rFID/rKID in the final evaluation
     fid_images: int | None = None  # rFID/rKID on the first N evaluated images (None: all); usage/PSNR cover all
+    # PSNR/SSIM/LPIPS (and rFID) on the first N evaluated images, code usage on all of them (None: all). Usage needs
+    # only the encoder and many tokens per code; the image metrics settle on far fewer images.
+    recon_images: int | None = None
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
     def to_dict(self) -> dict[str, Any]:

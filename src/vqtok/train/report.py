@@ -56,6 +56,8 @@ METRIC_MEANING = [
     ("utilization_train", "the same over the last complete training epoch (VQGAN-LC's protocol)"),
     ("perplexity", "exp(entropy) of code usage on the evaluation set: the number of equally used codes it equals"),
     ("tokens_per_code", "evaluation tokens per code: below ~10, utilization is limited by the token count"),
+    ("images", "evaluation images whose codes were counted"),
+    ("recon_images", "of those, the first ones reconstructed for PSNR, SSIM and LPIPS"),
     ("psnr", "peak signal-to-noise ratio, RGB in [0, 1] (dB, higher is better)"),
     ("ssim", "structural similarity, Gaussian window 11 / 1.5, RGB in [0, 1] (higher is better)"),
     ("rfid", "Frechet Inception distance, reconstructions vs originals (lower is better; biased at few images)"),

@@ -438,7 +438,7 @@ class Trainer:
                 model, val, batch_size=self.config.data.batch_size, device=self.device,
                 fid=self.config.fid and final, max_images=self.config.eval_images, usage_train=usage_train,
                 out=self.run_dir / "metrics.json" if final else None, progress=self.progress and final,
-                fid_images=self.config.fid_images,
+                fid_images=self.config.fid_images, recon_images=self.config.recon_images,
             )
             self._log({"event": "eval", "step": self.position.step, "final": final,
                        **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}})
