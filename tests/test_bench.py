@@ -42,6 +42,14 @@ def test_rows_hold_every_path_and_positive_ratios():
     assert any("vector-quantize-pytorch" in n for n in rows[1]["notes"]) or "vqp" in rows[1]
 
 
+def test_search_rows_time_the_frozen_tree_where_it_applies():
+    config = BenchConfig(methods=("search",), sizes=(4096,), dims=(8, 32), tokens=64, repeats=1)
+    low, high = run_quantize_bench(config, progress=False)
+    assert positive(low["tree"]["forward_ms"]) and positive(low["ratios"]["chunked_over_tree"])
+    assert "tree" not in high and high["ratios"]["chunked_over_tree"] is None  # D = 32: no tree
+    assert "tree" in format_table([low])
+
+
 def test_memory_is_measured_as_resident_high_water():
     import torch
 

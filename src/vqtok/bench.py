@@ -34,7 +34,7 @@ from torch import Tensor
 from .quantize import build_quantizer
 from .quantize.ibq import ibq_dense
 from .quantize.ibq_kernel import ibq_chunked
-from .quantize.search import nearest_code, search_mode
+from .quantize.search import FrozenCodeIndex, nearest_code, search_mode
 
 METHODS = ("search", "vq", "fc", "ema", "lc", "ibq")
 EXTRA_METHODS = ("ibq_step",)  # the IBQ step alone (ibq_kernel vs ibq_dense, with the penalty): not run by default
@@ -277,9 +277,13 @@ def _dense_rule(K: int, config: BenchConfig, notes: list[str]) -> Callable[[str]
 
 
 def _search_paths(N: int, K: int, D: int, fits: Callable[[str], bool]) -> tuple[Tensor, Tensor, list[_Timed]]:
-    """nearest_code alone: chunked, dense reference, cdist + argmin."""
+    """nearest_code alone: chunked, dense reference, cdist + argmin; and, where it applies (CPU, D <= 16), the
+    k-d tree that evaluation uses for a fixed codebook ("tree": built on the warm-up call, queries timed)."""
     flat, codebook = torch.randn(N, D), torch.randn(K, D)
     paths = [_Timed("chunked", {"forward": lambda: nearest_code(flat, codebook)})]
+    frozen = FrozenCodeIndex()
+    if frozen.applies(flat, codebook):
+        paths.append(_Timed("tree", {"forward": lambda: frozen.nearest_code(flat, codebook, key="bench")}))
     if fits("search"):
         paths.append(_Timed("dense", {"forward": lambda: _dense_search(flat, codebook)}))
     if fits("cdist"):
@@ -379,6 +383,7 @@ def _ratios(s: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "chunked_over_dense_peak": _ratio(chunked.get("peak_mib"), get("dense", "peak_mib")),
         "cdist_over_chunked": _ratio(get("cdist", "forward_ms"), chunked.get("forward_ms")),
         "faiss_over_chunked": _ratio(get("faiss", "forward_ms"), chunked.get("forward_ms")),
+        "chunked_over_tree": _ratio(chunked.get("forward_ms"), get("tree", "forward_ms")),
         "vqp_over_chunked_forward_backward": _ratio(get("vqp", "forward_backward_ms"),
                                                     chunked.get("forward_backward_ms")),
         "chunked_forward_over_matmul": _ratio(chunked.get("forward_ms"), get("matmul", "forward_ms")),
@@ -472,7 +477,7 @@ def _fmt(value: float | None, digits: int | None = None) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table: times in ms, memory in MiB, ratios as x (speed-ups: > 1 means chunked is faster)."""
     header = ["method", "K", "D", "fwd", "fwd+bwd", "MiB", "dense fwd", "dense f+b", "dense MiB", "faiss",
-              "cdist", "vqp f+b", "matmul", "xdense f+b", "mem/dense", "xfaiss", "f+b/matmul"]
+              "cdist", "tree", "vqp f+b", "matmul", "xdense f+b", "mem/dense", "xfaiss", "f+b/matmul"]
     lines = [header]
     for r in rows:
         c, d = r.get("chunked", {}), r.get("dense", {})
@@ -483,7 +488,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             r["method"], f"{r['codebook_size']:,}", str(r["dim"]), _fmt(c.get("forward_ms")),
             _fmt(c.get("forward_backward_ms")), _fmt(c.get("peak_mib")), _fmt(d.get("forward_ms")),
             _fmt(d.get("forward_backward_ms")), _fmt(d.get("peak_mib")), _fmt(r.get("faiss", {}).get("forward_ms")),
-            _fmt(r.get("cdist", {}).get("forward_ms")), _fmt(r.get("vqp", {}).get("forward_backward_ms")),
+            _fmt(r.get("cdist", {}).get("forward_ms")), _fmt(r.get("tree", {}).get("forward_ms")),
+            _fmt(r.get("vqp", {}).get("forward_backward_ms")),
             _fmt(r.get("matmul", {}).get("forward_ms")), _fmt(speedup, 2), _fmt(ratios["chunked_over_dense_peak"], 3),
             _fmt(ratios["faiss_over_chunked"], 2), _fmt(over_mm, 2),
         ])
@@ -491,5 +497,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     notes = sorted({n for r in rows for n in r["notes"]})
     footer = ["", "times: median ms; MiB: peak extra resident memory; xdense/xfaiss: their time / chunked time "
-              "(> 1: chunked faster); f+b/matmul: chunked forward+backward (forward for search) / bare z @ E^T"]
+              "(> 1: chunked faster); f+b/matmul: chunked forward+backward (forward for search) / bare z @ E^T; "
+              "tree: a fixed codebook's k-d tree (evaluation's search at D <= 16), queries only"]
     return "\n".join(text + footer + [f"note: {n}" for n in notes])
