@@ -47,7 +47,10 @@ def test_search_rows_time_the_frozen_tree_where_it_applies():
     low, high = run_quantize_bench(config, progress=False)
     assert positive(low["tree"]["forward_ms"]) and positive(low["ratios"]["chunked_over_tree"])
     assert "tree" not in high and high["ratios"]["chunked_over_tree"] is None  # D = 32: no tree
-    assert "tree" in format_table([low])
+    header, row_low, row_high = format_table([low, high]).splitlines()[:3]
+    end = header.index(" tree ") + len(" tree")  # cells are right-aligned under their header
+    timed = bench._fmt(low["tree"]["forward_ms"])
+    assert row_low[end - len(timed):end] == timed and row_high[end - 1:end] == "-"
 
 
 def test_memory_is_measured_as_resident_high_water():

@@ -140,9 +140,6 @@ class FrozenCodeIndex:
                 and z.dtype.is_floating_point and codebook.dtype.is_floating_point
                 and codebook.shape[1] <= KDTREE_MAX_DIM and codebook.shape[0] >= KDTREE_MIN_CODES)
 
-    def clear(self) -> None:
-        self._key = self._tree = self._first = None
-
     @torch.no_grad()
     def nearest_code(self, z: Tensor, codebook: Tensor, key: object) -> tuple[Tensor, Tensor]:
         _check(z, codebook)
