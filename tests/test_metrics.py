@@ -149,21 +149,42 @@ def test_resize_follows_tf_legacy_bilinear():
     assert np.allclose(out.numpy(), reference, atol=1e-12)
 
 
-def test_inception_input_is_quantised_and_scaled():
-    x = torch.tensor([0.0, 1.0, 0.5001, 0.3]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+def test_inception_input_is_quantised_to_8_bits_then_scaled_like_tf():
+    """x in [0, 1] -> 8-bit level p = round(255 x) -> TF's (p - 128) / 128, i.e. [-1, 127/128 = 0.9921875].
+    Inputs sit 0.3 or 0.45 of a level off the 8-bit grid (either side): unrounded, they would land 0.3/128 = 2.3e-3
+    or more from the right value, >1000x the float32 error of the pipeline."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 256, (1, 3, 299, 299), generator=g).double()  # 299 x 299: no resize
+    choice = torch.randint(0, 4, levels.shape, generator=g)
+    offsets = torch.tensor([-0.45, -0.3, 0.3, 0.45], dtype=torch.float64)[choice]  # never on the grid nor at .5
+    x = ((levels + offsets) / 255).clamp(0, 1).float()  # level 0 - 0.45 clamps to 0, 255 + 0.45 to 1: same level
     prepared = inception_input(x)
-    assert prepared.shape == (1, 3, 299, 299)
-    assert float(prepared.min()) == pytest.approx(INPUT_RANGE[0]) and float(prepared.max()) == pytest.approx(
-        INPUT_RANGE[1])
-    levels = (prepared[0, 0, 0, 0] - INPUT_RANGE[0]) / (INPUT_RANGE[1] - INPUT_RANGE[0]) * 255
-    assert float(levels) == pytest.approx(0.0)
+    assert prepared.shape == (1, 3, 299, 299) and prepared.dtype == torch.float32
+    torch.testing.assert_close(prepared.double(), (levels - 128) / 128, rtol=0, atol=1e-6)
+    assert INPUT_RANGE == (-1.0, 127 / 128)
+    # smaller images: quantised first, then resized (TF-1 legacy bilinear), then scaled
+    small_levels = torch.randint(0, 256, (2, 3, 5, 7), generator=g).double()
+    small = ((small_levels + 0.3) / 255).float()
+    expected = (resize_tf_bilinear(small_levels / 255) * 255 - 128) / 128
+    torch.testing.assert_close(inception_input(small).double(), expected, rtol=0, atol=1e-5)
 
 
-def test_inception_weights_are_found_and_hashed_once():
+def test_inception_weights_are_found_and_each_file_hashed_once(tmp_path, monkeypatch):
     path = inception_weights_path()
     assert path.name == "default_1.pt" and path.stat().st_size > 80_000_000
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert file_sha256(path) == digest and file_sha256(path) == digest  # the second call is the cached value
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    # count the hash computations (not the calls): file_sha256 caches per (resolved path, mtime, size)
+    real_sha256, computed = hashlib.sha256, []
+    monkeypatch.setattr(hashlib, "sha256", lambda *a, **k: computed.append(1) or real_sha256(*a, **k))
+    weights = tmp_path / "weights.pt"  # a path no earlier test has hashed
+    weights.write_bytes(b"inception" * 1000)
+    expected = real_sha256(b"inception" * 1000).hexdigest()
+    (tmp_path / "sub").mkdir()
+    assert file_sha256(weights) == expected and file_sha256(tmp_path / "sub" / ".." / "weights.pt") == expected
+    assert len(computed) == 1, f"{len(computed)} hash computations for one file: the cache did not hold"  # two loads
+    weights.write_bytes(b"other weights")  # a new size (and mtime): the cached digest no longer applies
+    assert file_sha256(weights) == real_sha256(b"other weights").hexdigest()
+    assert len(computed) == 2, "a changed file must be hashed again"
 
 
 @pytest.fixture(scope="module")

@@ -121,24 +121,47 @@ def test_build_quantizer_rejects_unknown_names_and_wrong_shapes():
 
 
 # --- vq / fc -----------------------------------------------------------------------------------------------------
-def test_vq_loss_weights_commitment_and_codebook_terms_separately():
-    q = make("vq", commitment_weight=1.0, codebook_weight=0.33)
+@pytest.mark.parametrize("name", ["vq", "fc", "lc"])
+def test_default_loss_sends_commitment_1_0_to_z_and_codebook_0_33_to_the_codebook(name):
+    """loss = 1.0 ||sg(e) - z||^2 + 0.33 ||e - sg(z)||^2 (means). Both terms have the same VALUE, so only gradients
+    tell the weights apart: d loss / dz = 1.0 * 2 (z - e) / numel (the commitment term alone reaches z) and
+    d loss / de_n = 0.33 * 2 (e_n - z_n) / numel (the codebook term alone reaches the codes)."""
+    q = make(name).train()  # default weights
     z = torch.randn(2, D, 3, 3, requires_grad=True)
     out = q(z)
-    codes = q.embed(out.indices)
-    expected = 1.0 * F.mse_loss(codes.detach(), z) + 0.33 * F.mse_loss(codes, z.detach())
-    assert torch.allclose(out.loss, expected, atol=1e-6)
-    assert torch.allclose(out.terms["commitment"], F.mse_loss(codes, z).detach(), atol=1e-6)
+    codes = q.embed(out.indices).detach()  # (B, D, H, W) the e each token was assigned
+    numel = z.numel()
+    d_codes = 0.33 * 2 * flat(codes - z.detach()).double() / numel  # (N, D) d loss / d e_n
+
+    value = (1.0 + 0.33) * F.mse_loss(codes, z.detach()).double()  # the two terms' values are equal
+    torch.testing.assert_close(out.loss.double(), value, rtol=1e-6, atol=0)
+    # only out.loss: z_q's straight-through path would add the identity on top
+    if name == "lc":  # the codes are P(C) = C W^T + b: the gradient reaches the frozen codebook's projector
+        grad_z, grad_w, grad_b = torch.autograd.grad(out.loss, [z, q.projector.weight, q.projector.bias])
+        features = q.codebook[out.indices.reshape(-1)].double()  # (N, F) the (standardised) features used
+        torch.testing.assert_close(grad_w.double(), d_codes.T @ features, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(grad_b.double(), d_codes.sum(0), rtol=1e-5, atol=1e-9)
+    else:  # the codebook rows used collect their tokens' gradients
+        grad_z, grad_e = torch.autograd.grad(out.loss, [z, q.codebook])
+        expected = torch.zeros(K, D, dtype=torch.float64).index_add_(0, out.indices.reshape(-1), d_codes)
+        torch.testing.assert_close(grad_e.double(), expected, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grad_z.double(), 1.0 * 2 * (z - codes).detach().double() / numel, rtol=1e-5, atol=1e-9)
     # straight-through: d z_q / d z is the identity
     grad = torch.randn_like(z)
     (zq_grad,) = torch.autograd.grad(out.z_q, z, grad)
     assert torch.allclose(zq_grad, grad)
 
 
-def test_vq_codebook_is_initialised_uniform_in_one_over_k():
-    q = make("vq", codebook_size=1000)
-    codebook = q.codebook.detach()
-    assert float(codebook.abs().max()) <= 1e-3 and float(codebook.std()) > 1e-4
+def test_vq_codebook_is_initialised_uniform_in_minus_to_plus_one_over_k():
+    """uniform(-1/K, 1/K): min and max at -+1/K, mean 0, std (2/K) / sqrt(12) = 0.577/K. 65,536 draws put the
+    extremes within ~3e-5/K (2/65,537) of the bounds, the mean within 4 standard errors (4 x 0.577/256 = 0.009)
+    of 0 and the std within 1% (its relative standard error is sqrt(0.8 / (4 x 65,536)) = 0.2%)."""
+    K_init = 4096
+    q = make("vq", codebook_size=K_init, dim=16)
+    codebook = q.codebook.detach().double() * K_init  # in units of 1/K: uniform(-1, 1)
+    assert -1.0 <= float(codebook.min()) < -0.999 and 0.999 < float(codebook.max()) <= 1.0
+    assert abs(float(codebook.mean())) < 0.009
+    assert float(codebook.std()) == pytest.approx(2 / 12**0.5, rel=0.01)
 
 
 def test_fc_l2_norm_uses_unit_codes_and_cosine_lookup():
@@ -153,22 +176,31 @@ def test_fc_l2_norm_uses_unit_codes_and_cosine_lookup():
 
 
 # --- ema ---------------------------------------------------------------------------------------------------------
-def test_ema_update_equals_hand_computation():
-    q = make("ema", codebook_size=6, dim=3, decay=0.9, eps=1e-5).train()
-    before = {k: v.clone() for k, v in q.state_dict().items()}
-    z = torch.randn(1, 3, 4, 5)
-    out = q(z)
-    tokens, idx = flat(z), out.indices.reshape(-1)
-    counts = torch.tensor([(idx == k).sum() for k in range(6)], dtype=torch.float32)
-    sums = torch.stack([tokens[idx == k].sum(0) for k in range(6)])
-    n = 0.9 * before["cluster_size"] + 0.1 * counts
-    m = 0.9 * before["embed_sum"] + 0.1 * sums
-    smoothed = (n + 1e-5) / (n.sum() + 6 * 1e-5) * n.sum()
-    assert torch.allclose(q.cluster_size, n, atol=1e-6)
-    assert torch.allclose(q.embed_sum, m, atol=1e-6)
-    assert torch.allclose(q.codebook, m / smoothed[:, None], rtol=1e-5)
-    # the codes chosen this step came from the codebook the step started with
-    assert torch.equal(idx, brute_force_nearest(tokens, before["codebook"]))
+def test_ema_updates_over_three_steps_equal_hand_computation():
+    """n_k <- d n_k + (1-d) count_k, m_k <- d m_k + (1-d) sum_{z -> k} z, n_k' = (n_k + eps) / (sum n + K eps) sum n,
+    e_k = m_k / n_k', in float64 with the defaults d = 0.99, eps = 1e-5. The first step starts from n = 0, where
+    the decay of n is invisible; the later steps see it (0.99 n vs n differs by 1% of n)."""
+    decay, eps, K_ema, D_ema = 0.99, 1e-5, 6, 3
+    q = make("ema", codebook_size=K_ema, dim=D_ema).train()
+    assert torch.equal(q.cluster_size, torch.zeros(K_ema)) and torch.equal(q.embed_sum, q.codebook)  # taming's init
+    n, m, e = q.cluster_size.double(), q.embed_sum.double(), q.codebook.double()
+    for step in range(3):
+        z = torch.randn(1, D_ema, 4, 5)
+        out = q(z)
+        tokens, idx = flat(z).double(), out.indices.reshape(-1)
+        # the codes chosen this step came from the codebook the step started with
+        assert torch.equal(idx, brute_force_nearest(tokens, e)), step
+        counts = torch.bincount(idx, minlength=K_ema).double()
+        sums = torch.zeros(K_ema, D_ema, dtype=torch.float64).index_add_(0, idx, tokens)
+        n = decay * n + (1 - decay) * counts
+        m = decay * m + (1 - decay) * sums
+        smoothed = (n + eps) / (n.sum() + K_ema * eps) * n.sum()
+        e = m / smoothed[:, None]  # unused codes: m / ~eps, huge (taming's behaviour): they stay unused
+        for what, actual, expected, rtol in (("n", q.cluster_size, n, 1e-5), ("m", q.embed_sum, m, 1e-5),
+                                             ("e", q.codebook, e, 1e-4)):
+            torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=1e-7,
+                                       msg=lambda text: f"{what} after step {step}: {text}")
+    assert int((n > 0).sum()) >= 2  # several codes were used, so the smoothing's sum and the decay both matter
 
 
 def test_ema_does_not_update_in_eval_mode():
@@ -263,14 +295,28 @@ def test_ibq_gradients_match_dense_reference(convention):
     assert torch.allclose(q.codebook.grad, codebook.grad, atol=1e-5)
 
 
-def test_ibq_every_code_row_gets_gradient():
+@pytest.mark.parametrize("kernel", ["dense", "chunked"])
+def test_ibq_index_backpropagation_gives_every_code_row_the_softmax_gradient(kernel):
+    """With the entropy penalty off (it alone reaches every row, with ~1e-27), a downstream loss <z_q, G> reaches the
+    codebook only through Ind = h - sg(p) + p: dl = p (g - <p, g>), g = G E^T, dE = dl^T z + h^T G (docstring)."""
     torch.manual_seed(0)
-    q = build_quantizer("ibq", codebook_size=256, dim=16).train()
+    q = build_quantizer("ibq", codebook_size=256, dim=16, entropy_weight=0.0, kernel=kernel).train()
     z = torch.randn(2, 16, 4, 4) * 0.1  # small logits: a soft softmax, as at the start of training
+    head = torch.randn(2, 16, 4, 4)  # G: a downstream "decoder" loss on z_q
     out = q(z)
-    (out.z_q.square().sum() + out.loss).backward()
-    assert int((q.codebook.grad.abs().sum(1) > 0).sum()) == 256
-    assert len(set(out.indices.reshape(-1).tolist())) < 256  # far fewer codes were selected than got gradient
+    (out.z_q * head).sum().backward()
+
+    tokens, G, E = flat(z).double(), flat(head).double(), q.codebook.detach().double()
+    p = (tokens @ E.T).softmax(1)  # (N, K)
+    g = G @ E.T
+    dl = p * (g - (p * g).sum(1, keepdim=True))
+    hard = F.one_hot(out.indices.reshape(-1), 256).double()
+    torch.testing.assert_close(q.codebook.grad.double(), dl.T @ tokens + hard.T @ G, rtol=1e-4, atol=1e-6)
+    # |l| <= 1.7 here, so every p_nk >= e^-3.4 / 256 = 1.3e-4 (measured min 6.8e-4) and each row's softmax term,
+    # ~ p |g| |z| over 32 tokens, is ~1e-2 (measured min 0.013): 1e-3 is far above rounding, far below that
+    assert float(p.min()) > 1.3e-4
+    assert float(q.codebook.grad.norm(dim=1).min()) > 1e-3
+    assert len(set(out.indices.reshape(-1).tolist())) < 64  # far fewer codes were selected than got gradient
 
 
 def test_ibq_forward_value_is_exactly_the_selected_code():

@@ -59,21 +59,75 @@ def test_reconstruction_loss_falls_and_psnr_rises(tmp_path):
     assert summary["metrics"]["psnr"] > before + 2.0, (before, summary["metrics"]["psnr"])
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "ema"])
-def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, quantizer):
-    extra = [f"model.quantizer={quantizer}", "steps=10", "ema_decay=0.9"]  # 48 crops / 8 = 6 batches: crosses an epoch
+# Each recipe is run whole and split (4 steps, checkpoint, a new process's worth of setup, resume); the weights must
+# be bitwise equal (CPU runs are deterministic here). 48 crops / 8 = 6 batches an epoch: both runs cross an epoch.
+RESUME_RECIPES = {
+    "vq-constant": ["model.quantizer=vq", "ema_decay=0.9"],
+    "ema-codebook": ["model.quantizer=ema", "ema_decay=0.9"],
+    # what a missing restore shows up in: the warm-up + cosine schedule (sched_g / sched_d), dropout (the torch RNG
+    # and the loader's base seed), and a GAN that starts before the split (disc, opt_d, LeCAM's EMA, BatchNorm stats)
+    "cosine-dropout-gan": ["model.quantizer=vq", "optim.schedule=cosine", "optim.warmup_steps=3",
+                           "optim.min_lr_ratio=0.1", "model.overrides={dropout: 0.3}", "loss.disc_weight=0.5",
+                           "loss.disc_start=2", "loss.disc_layers=1", "loss.gen_loss=non-saturating",
+                           "loss.adaptive_weight=false", "loss.lecam_weight=0.05", "loss.lecam_decay=0.9", "ema_decay=0.9"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RESUME_RECIPES))
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, recipe):
+    extra = RESUME_RECIPES[recipe] + ["steps=10"]
     train(tiny_config(*extra), tmp_path / "full", progress=False)
     train(tiny_config(*extra), tmp_path / "split", until=4, progress=False)
     assert latest_checkpoint(tmp_path / "split").name == "step-00000004"
     train(tiny_config(*extra), tmp_path / "split", resume=True, progress=False)
-    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
-    assert full.keys() == split.keys()
-    for key in full:
-        assert torch.allclose(full[key], split[key], atol=1e-6, rtol=0), key
-    ema_full, ema_split = (load_file(str(tmp_path / r / "ema.safetensors")) for r in ("full", "split"))
-    assert all(torch.allclose(ema_full[k], ema_split[k], atol=1e-6, rtol=0) for k in ema_full)
+    for name in ("model.safetensors", "ema.safetensors"):
+        full, split = (load_file(str(tmp_path / r / name)) for r in ("full", "split"))
+        assert full.keys() == split.keys()
+        assert [k for k in full if not torch.equal(full[k], split[k])] == [], name
+    states = [torch.load(latest_checkpoint(tmp_path / r) / "trainer.pt", weights_only=False) for r in ("full", "split")]
+    if states[0]["disc"] is not None:
+        assert [k for k in states[0]["disc"] if not torch.equal(states[0]["disc"][k], states[1]["disc"][k])] == []
+        assert states[0]["lecam"] is not None and all(
+            torch.equal(states[0]["lecam"][k], states[1]["lecam"][k]) for k in states[0]["lecam"])
+    losses = [[r["loss"] for r in log_rows(tmp_path / r, "train")] for r in ("full", "split")]
+    assert losses[0] == losses[1]  # every step's loss, before and after the split
     tokens = [log_rows(tmp_path / r, "end")[-1]["tokens_train"] for r in ("full", "split")]
     assert tokens[0] == tokens[1] == 6 * 8 * 64  # last complete epoch: 6 batches x 8 crops x 8x8 tokens
+
+
+def test_each_epoch_draws_new_random_crops(tmp_path, monkeypatch):
+    """The photos source draws its train crops from the epoch: no crop of epoch 1 may repeat one of epoch 0."""
+    from vqtok.train.trainer import Trainer
+
+    seen: list[torch.Tensor] = []
+    real_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, x: (seen.append(x.clone()), real_step(self, x))[1])
+    train(tiny_config("steps=4", "data.train_length=16"), tmp_path / "run", progress=False)  # 2 batches an epoch
+    epoch0, epoch1 = torch.cat(seen[:2]), torch.cat(seen[2:])
+    assert len(epoch0) == len(epoch1) == 16
+    distance = (epoch1[:, None] - epoch0[None]).abs().flatten(2).amax(dim=2)  # (16, 16) max pixel difference
+    assert distance.min() > 0.05, distance.min()
+
+
+def test_utilization_train_is_the_histogram_of_the_last_complete_epoch(tmp_path):
+    """lr = 0 keeps the model fixed, so after two epochs `utilization_train` must be exactly the codes of epoch 1's
+    crops: neither epoch 0's crops (the crops change per epoch) nor both epochs summed (the histogram restarts)."""
+    from vqtok.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config("optim.lr=0", "steps=12"), tmp_path / "run", progress=False)  # 6 batches an epoch
+    trainer.train()
+
+    def codes_of_epoch(epoch: int) -> torch.Tensor:
+        trainer.train_set.set_epoch(epoch)
+        crops = torch.stack([trainer.train_set[i][0] for i in range(len(trainer.train_set))])
+        return torch.bincount(trainer.model.encode(crops).flatten(), minlength=64)
+
+    assert trainer.usage_train.tokens == 48 * 64
+    assert torch.equal(trainer.usage_train.counts, codes_of_epoch(1))
+    assert not torch.equal(codes_of_epoch(0), codes_of_epoch(1))
+    epochs = log_rows(tmp_path / "run", "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1] and all(r["tokens_train"] == 48 * 64 for r in epochs)
+    assert epochs[-1]["utilization_train"] == pytest.approx(float((codes_of_epoch(1) > 0).float().mean()))
 
 
 def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
@@ -120,21 +174,36 @@ def test_config_overrides_and_errors(tmp_path):
 
 
 def test_cli_encode_decode_round_trip(tmp_path):
+    """The shards hold Tokenizer.encode of the same crops (with their labels); the PNGs are decode of those ids."""
+    from PIL import Image
+
+    from vqtok.data import build_dataset
+    from vqtok.models import Tokenizer
+
     run = tmp_path / "run"
     train(tiny_config("steps=2"), run, progress=False)
     assert cli_main(["encode", str(run), "--data", "photos", "--length", "10", "--batch-size", "4",
                      "--shard-size", "6", "--out", str(tmp_path / "tokens")]) == 0
     index = json.loads((tmp_path / "tokens" / "index.json").read_text())
-    assert index["count"] == 10 and index["dtype"] == "int16" and len(index["shards"]) == 2
-    ids = np.load(tmp_path / "tokens" / index["shards"][0]["tokens"])
-    assert ids.shape == (8, 8, 8) and ids.dtype == np.int16 and 0 <= ids.min() and ids.max() < 64
+    assert index["count"] == 10 and index["dtype"] == "int16" and [s["count"] for s in index["shards"]] == [8, 2]
+    shards = [np.load(tmp_path / "tokens" / s["tokens"]) for s in index["shards"]]
+    labels = np.concatenate([np.load(tmp_path / "tokens" / s["labels"]) for s in index["shards"]])
+    assert all(ids.dtype == np.int16 for ids in shards)
+    ids = torch.from_numpy(np.concatenate(shards).astype(np.int64))  # (10, 8, 8)
+
+    model = Tokenizer.from_pretrained(run)
+    crops = build_dataset("photos", "val", size=32, length=10, train_crops=False)
+    images = torch.stack([crops[i][0] for i in range(10)])
+    assert torch.equal(ids, model.encode(images))
+    assert labels.tolist() == [crops[i][1] for i in range(10)]
+    assert len(ids.unique()) > 4  # a trained encoder's codes vary: all-zero shards would not pass the line above
+
     assert cli_main(["decode", str(run), str(tmp_path / "tokens"), "--out", str(tmp_path / "images")]) == 0
     pngs = sorted((tmp_path / "images").glob("*.png"))
-    assert len(pngs) == 10
-    from PIL import Image
-
-    image = Image.open(pngs[0])
-    assert image.size == (32, 32) and image.mode == "RGB"
+    assert [p.name for p in pngs] == [f"00000-{i:06d}.png" for i in range(8)] + ["00001-000000.png", "00001-000001.png"]
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))) for p in pngs])  # (10, 32, 32, 3)
+    expected = (model.decode(ids) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(pixels, expected)
 
 
 def _free_port() -> int:

@@ -2,13 +2,15 @@
 
 Conv(4, stride 2) + LeakyReLU(0.2), then (n_layers - 1) x [Conv(4, stride 2), BatchNorm, LeakyReLU], one
 [Conv(4, stride 1), BatchNorm, LeakyReLU] and a Conv(4, stride 1) to one logit per patch. Channels ndf * min(2^n, 8).
-VQGAN-LC uses n_layers 2, IBQ n_layers 3, both ndf 64 (METHODS.md section 4). Like the tokenizer, it takes images in
-[0, 1] and maps them to [-1, 1] as taming's discriminator saw them.
+VQGAN-LC uses n_layers 2, IBQ n_layers 3, both ndf 64. Like the tokenizer, it takes images in [0, 1] and its first
+layer sees them in [-1, 1], as taming's discriminator did (`vqtok.core.to_signed`; callers never convert).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from ..core import to_signed
 
 
 def weights_init(module: nn.Module) -> None:
@@ -40,4 +42,4 @@ class NLayerDiscriminator(nn.Module):
         self.apply(weights_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x * 2.0 - 1.0)
+        return self.main(to_signed(x))

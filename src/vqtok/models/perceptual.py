@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core import to_signed
+
 # LPIPS's ScalingLayer: inputs in [-1, 1] are shifted and scaled to VGG's ImageNet statistics.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -106,7 +108,7 @@ class LPIPS(PerceptualLoss):
 
     def taps(self, x: Tensor) -> list[Tensor]:
         """x (B, 3, H, W) in [0, 1] -> the five relu outputs."""
-        h = ((x * 2.0 - 1.0) - self.shift) / self.scale
+        h = (to_signed(x) - self.shift) / self.scale
         outputs = []
         for i, layer in enumerate(self.features[: VGG16_TAPS[-1] + 1]):
             h = layer(h)

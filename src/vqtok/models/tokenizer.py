@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..core import from_signed, to_signed
 from ..io import atomic_write_bytes, load_state_dict, save_state_dict
 from ..quantize import QuantizeOutput, build_quantizer
 from .autoencoder import AutoencoderConfig, Decoder, Encoder, get_preset
@@ -123,12 +124,12 @@ class Tokenizer(nn.Module):
 
     def quantize(self, x: Tensor) -> QuantizeOutput:
         """x (B, 3, H, W) in [0, 1] -> the quantizer's output on the (B, dim, h, w) latent."""
-        z = self.quant_conv(self.encoder(x * 2.0 - 1.0))  # (B, dim, h, w)
+        z = self.quant_conv(self.encoder(to_signed(x)))  # (B, dim, h, w)
         return self.quantizer(z)
 
     def decode_latent(self, z_q: Tensor) -> Tensor:
         """z_q (B, dim, h, w) -> (B, 3, H, W) on the [0, 1] scale, not clamped."""
-        return (self.decoder(self.post_quant_conv(z_q)) + 1.0) / 2.0
+        return from_signed(self.decoder(self.post_quant_conv(z_q)))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

@@ -284,6 +284,19 @@ class Trainer:
         for b in range(self.position.batch_in_epoch, self.batches_per_epoch):
             yield order[b * size : (b + 1) * size]
 
+    def epoch_loader(self) -> DataLoader:
+        """The DataLoader of this epoch, from the current position.
+
+        The dataset draws its random crops from the epoch, so it is told the epoch before the loader copies it into
+        workers. The loader gets a generator of its own, seeded by (seed, epoch, rank): creating its iterator draws
+        the workers' base seed from that generator instead of the global torch RNG, so a resumed run, which creates
+        one more iterator mid-epoch than an uninterrupted one, still draws the same dropout masks afterwards."""
+        self.train_set.set_epoch(self.position.epoch)
+        entropy = np.random.SeedSequence([self.config.seed, self.position.epoch, self.rank]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+        return DataLoader(self.train_set, batch_sampler=list(self.epoch_batches()),
+                          num_workers=self.config.data.num_workers, generator=generator)
+
     def train(self, until: int | None = None) -> dict[str, Any]:
         """Train to config.steps (or stop after step `until`, checkpointed, to be resumed later)."""
         config = self.config
@@ -293,9 +306,7 @@ class Trainer:
         last_log, images_since = time.perf_counter(), 0
         try:
             while self.position.step < stop and not interrupted:
-                loader = DataLoader(self.train_set, batch_sampler=list(self.epoch_batches()),
-                                    num_workers=config.data.num_workers)
-                for images, _ in loader:
+                for images, _ in self.epoch_loader():
                     logs = self.train_step(images.to(self.device, non_blocking=True))
                     self.position.step += 1
                     self.position.batch_in_epoch += 1
@@ -365,7 +376,7 @@ class Trainer:
             loss = rec + out.quant_loss
             if gan:
                 self.disc.requires_grad_(False)
-                g_loss = G_LOSSES[cfg.gen_loss](self.disc(x_hat * 2 - 1))
+                g_loss = G_LOSSES[cfg.gen_loss](self.disc(x_hat))
                 weight = adaptive_generator_weight(rec, g_loss, self.model.last_layer) if cfg.adaptive_weight else 1.0
                 loss = loss + cfg.disc_weight * weight * g_loss
                 logs.update(g_loss=_item(g_loss), g_weight=_item(weight))
@@ -383,8 +394,8 @@ class Trainer:
         cfg = self.config.loss
         self.disc.requires_grad_(True)
         with self.autocast():
-            logits_real = self.disc(x * 2 - 1).float()
-            logits_fake = self.disc(x_hat * 2 - 1).float()
+            logits_real = self.disc(x).float()
+            logits_fake = self.disc(x_hat).float()
             d_loss = D_LOSSES[cfg.disc_loss](logits_real, logits_fake)
             logs = {"d_loss": _item(d_loss)}
             if self.lecam is not None:
