@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .quantize import QUANTIZERS, QuantizeOutput, Quantizer, build_quantizer
-from .usage import CodeUsage
+from .quantize import CodeUsage
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..usage import CodeUsage
+from ..quantize import CodeUsage
 
 log = logging.getLogger("vqtok.metrics")
 VAL_SEED = 0  # validation crops are the same whatever the training seed, so runs compare on the same images

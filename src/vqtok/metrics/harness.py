@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..usage import CodeUsage
+from ..quantize import CodeUsage
 from .fid import KID_SUBSET_SIZE, KID_SUBSETS, fid_from_features, kid
 from .image import PSNR_PROTOCOL, SSIM_PROTOCOL, psnr, ssim
 from .inception import InceptionFeatures, file_sha256
@@ -232,7 +232,7 @@ def _remember(fingerprint: str, features: Tensor) -> None:
 
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> Path:
     """Write metrics.json atomically (temporary file, then rename); non-finite numbers become null."""
-    from ..io import atomic_write_bytes
+    from ..core.io import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import from_signed, to_signed
-from ..io import atomic_write_bytes, load_state_dict, save_state_dict
+from ..core.io import atomic_write_bytes, load_state_dict, save_state_dict
 from ..quantize import QuantizeOutput, build_quantizer
 from .autoencoder import AutoencoderConfig, Decoder, Encoder, get_preset
 

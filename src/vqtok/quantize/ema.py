@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import all_reduce_sum_
+from ..core.distributed import all_reduce_sum_
 from .base import Quantizer, mse, register, straight_through
 from .search import nearest_code
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..io import save_state_dict
+from ..core.io import save_state_dict
 from ..models.tokenizer import EMA_FILE, MODEL_FILE
 
 TRAINER_FILE = "trainer.pt"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write_bytes
+from ..core.io import atomic_write_bytes
 from ..models.tokenizer import CONFIG_FILE
 
 INDEX_FILE = "index.json"

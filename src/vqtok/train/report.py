@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..usage import CodeUsage
+from ..quantize import CodeUsage
 
 RECONSTRUCTIONS = "reconstructions.png"
 USAGE_PLOT = "usage.png"

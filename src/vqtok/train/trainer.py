@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .. import distributed as D
+from ..core import distributed as D
 from ..models import (
     LeCAM,
     NLayerDiscriminator,
@@ -44,9 +44,9 @@ from ..models import (
     non_saturating_g_loss,
     vanilla_d_loss,
 )
-from ..io import atomic_write_bytes
+from ..core.io import atomic_write_bytes
 from ..models.tokenizer import CONFIG_FILE
-from ..usage import CodeUsage
+from ..quantize import CodeUsage
 from .checkpoint import TRAINER_FILE, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .report import write_run_report
@@ -241,7 +241,7 @@ class Trainer:
         D.barrier()
 
     def _resume(self) -> None:
-        from ..io import load_state_dict
+        from ..core.io import load_state_dict
         from ..models.tokenizer import EMA_FILE, MODEL_FILE
 
         checkpoint = latest_checkpoint(self.run_dir)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import all_reduce_sum_, is_distributed
+from ..core.distributed import all_reduce_sum_, is_distributed
 
 
 class CodeUsage:
