@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtok.codebook import FeatureShards, assign, build_encoder, extract_features, load_codebook
+from vqtok.codebook import FeatureShards, assign, build_encoder, extract_features, read_codebook_file
 from vqtok.codebook.build import build_codebook, cpu_threads
 from vqtok.data import build_dataset
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
                               crops=args.crops, crop_size=args.crop_size, out=args.out / f"{method}.safetensors",
                               cache_dir=args.out / "cache")
         builds[method] = round(time.perf_counter() - start, 1)
-        codebooks[method] = load_codebook(path)[0].numpy()
+        codebooks[method] = read_codebook_file(path)[0].numpy()
         print(method, "build seconds", builds[method], flush=True)
     train = FeatureShards(next((args.out / "cache").glob("features-*"))).load()[0]  # (N, F)
     codebooks |= {"mean": train.mean(0, keepdims=True), "all_features": train}

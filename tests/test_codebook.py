@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 import vqtok
-from vqtok.codebook import (FeatureEncoder, FeatureShards, assign, extract_features, load_codebook, pool_to_grid,
+from vqtok.codebook import (FeatureEncoder, FeatureShards, assign, extract_features, read_codebook_file, pool_to_grid,
                             save_codebook)
 from vqtok.codebook.build import build_codebook
 from vqtok.codebook.command import add_subcommand
@@ -89,7 +89,7 @@ def test_extraction_resumes_at_the_missing_shard(tmp_path) -> None:
 def test_save_and_load_keep_the_codebook_and_string_metadata(tmp_path) -> None:
     codebook = torch.randn(7, 5)
     path = save_codebook(tmp_path / "cb.safetensors", codebook, {"encoder": "mobilenetv2", "seed": 3, "grid": 4})
-    loaded, meta = load_codebook(path)
+    loaded, meta = read_codebook_file(path)
     torch.testing.assert_close(loaded, codebook)
     assert meta["encoder"] == "mobilenetv2" and meta["seed"] == "3" and meta["codebook_size"] == "7"
     assert meta["feature_dim"] == "5" and meta["vqtok_version"]
@@ -110,7 +110,7 @@ def photo_codebook(tmp_path_factory) -> tuple:
 
 def test_build_codebook_writes_k_centres_and_its_recipe(photo_codebook) -> None:
     path, _, _ = photo_codebook
-    codebook, meta = load_codebook(path)
+    codebook, meta = read_codebook_file(path)
     assert codebook.shape == (48, 320) and codebook.dtype == torch.float32
     assert {k: meta[k] for k in ("encoder", "layer", "pooling", "source", "codebook_size", "method", "seed",
                                  "feature_dim", "num_features")} == {
@@ -121,7 +121,7 @@ def test_build_codebook_writes_k_centres_and_its_recipe(photo_codebook) -> None:
 def test_same_request_same_codebook_and_the_file_is_reused(photo_codebook, monkeypatch) -> None:
     path, options, root = photo_codebook
     again = build_codebook(out=root / "b.safetensors", **options)  # features from the cache, clustering redone
-    torch.testing.assert_close(load_codebook(again)[0], load_codebook(path)[0], rtol=0, atol=0)
+    torch.testing.assert_close(read_codebook_file(again)[0], read_codebook_file(path)[0], rtol=0, atol=0)
     import vqtok.codebook.build as build_module
 
     def must_not_run(*args, **kwargs):
@@ -136,7 +136,7 @@ def test_same_request_same_codebook_and_the_file_is_reused(photo_codebook, monke
 def test_lc_quantizer_reads_the_built_file(photo_codebook) -> None:
     path, _, _ = photo_codebook
     raw = vqtok.build_quantizer("lc", codebook_size=48, dim=8, codebook=path, standardize=False)
-    torch.testing.assert_close(raw.codebook, load_codebook(path)[0], rtol=0, atol=0)
+    torch.testing.assert_close(raw.codebook, read_codebook_file(path)[0], rtol=0, atol=0)
     q = vqtok.build_quantizer("lc", codebook_size=48, dim=8, codebook=path)  # the default: standardised features
     assert q.codebook.shape == (48, 320)
     out = q(torch.randn(2, 8, 3, 3))
@@ -158,7 +158,7 @@ def test_per_class_on_a_labelled_folder_gives_each_class_k_over_classes_codes(tm
     features, labels = FeatureShards(next((tmp_path / "cache").glob("features-*"))).load()  # (10 * 4, 320)
     assert features.shape == (40, 320) and sorted(set(labels.tolist())) == [0, 1]
     class_means = np.stack([features[labels == c].mean(0) for c in (0, 1)])
-    _, nearest_class = assign(load_codebook(path)[0].numpy(), class_means)
+    _, nearest_class = assign(read_codebook_file(path)[0].numpy(), class_means)
     assert np.bincount(nearest_class, minlength=2).tolist() == [3, 3]
 
 
@@ -180,7 +180,7 @@ def test_command_builds_the_codebook(tmp_path, capsys) -> None:
                  "kmeans", "--crops", "16", "--crop-size", "64", "--grid", "2", "--out", str(out), "--seed", "1",
                  "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     assert args.func(args) == 0
-    codebook, meta = load_codebook(out)
+    codebook, meta = read_codebook_file(out)
     assert codebook.shape == (20, 320) and meta["method"] == "kmeans" and meta["seed"] == "1"
     assert "20 x 320 codebook" in capsys.readouterr().out
     bad = _cli(["codebook", "build", "--method", "agglomerative", "--out", str(out), "--no-progress"])

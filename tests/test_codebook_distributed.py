@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from vqtok.codebook import FeatureShards, load_codebook
+from vqtok.codebook import FeatureShards, read_codebook_file
 from vqtok.codebook.build import build_codebook
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -27,8 +27,8 @@ def worker(rank: int, root: str) -> None:
 def test_two_ranks_build_the_single_process_codebook(tmp_path) -> None:
     mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     single = build_codebook(out=tmp_path / "one.safetensors", cache_dir=tmp_path / "one-cache", **OPTIONS)
-    two, meta = load_codebook(tmp_path / "two.safetensors")
-    torch.testing.assert_close(two, load_codebook(single)[0], rtol=0, atol=0)
+    two, meta = read_codebook_file(tmp_path / "two.safetensors")
+    torch.testing.assert_close(two, read_codebook_file(single)[0], rtol=0, atol=0)
     assert meta["num_features"] == "2100"
     shards = FeatureShards(next((tmp_path / "two-cache").glob("features-*")))
     assert shards.manifest["num_shards"] == 2 and shards.missing() == []  # rank 1 wrote shard 1

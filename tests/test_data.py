@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vqtok.data import VAL_PHOTOS, build_dataset, list_photos
 from vqtok.data import photos as photos_module
 from vqtok.data.images import shorter_side_box
-from vqtok.data.photos import package_dir, random_square
+from vqtok.core.packages import package_dir
+from vqtok.data.photos import random_square
 
 
 # -- photos ---------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 centres, saved as a .safetensors file that `build_quantizer("lc", codebook=path)` reads.
 
     path = build_codebook(encoder="efficientnet-lite0", source="photos", size=100_000, out="codebook.safetensors")
-    codebook, metadata = load_codebook(path)     # (K, F) float32, dict of strings
+    codebook, metadata = read_codebook_file(path)     # (K, F) float32, dict of strings
 
 Command line: `vqtok codebook build --encoder NAME --data SOURCE --size K --out FILE`.
 """
@@ -11,10 +11,10 @@ from .build import build_codebook, default_cache_dir
 from .cluster import METHODS, allocate, assign, cluster, kmeans
 from .encoders import ENCODERS, FeatureEncoder, build_encoder
 from .features import FeatureShards, extract_features, pool_to_grid
-from .io import load_codebook, read_metadata, save_codebook
+from ..core.codebook_file import read_codebook_file, read_metadata, save_codebook
 
 __all__ = [
     "ENCODERS", "FeatureEncoder", "build_encoder", "extract_features", "FeatureShards", "pool_to_grid", "cluster",
     "kmeans", "assign", "allocate", "METHODS", "build_codebook", "default_cache_dir", "save_codebook",
-    "load_codebook", "read_metadata",
+    "read_codebook_file", "read_metadata",
 ]

@@ -24,7 +24,7 @@ from ..data import build_dataset
 from .cluster import METHODS, cluster, faiss_threads
 from .encoders import ENCODERS, build_encoder
 from .features import FeatureShards, extract_features
-from .io import read_metadata, save_codebook
+from ..core.codebook_file import read_metadata, save_codebook
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from .build import build_codebook
-    from .io import read_metadata
+    from ..core.codebook_file import read_metadata
 
     started = time.perf_counter()
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun

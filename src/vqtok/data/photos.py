@@ -18,7 +18,6 @@ size x size (Pillow bicubic, antialiased). Photos whose shorter side is below `s
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 
+from ..core.packages import package_dir
 from .base import ImageSource
 from .images import RESAMPLE_NAME, UnreadableImage, crop_box, open_rgb
 
@@ -70,18 +70,6 @@ class PhotoInfo:
     package: str
     path: Path
     split: str
-
-
-def package_dir(package: str) -> Path | None:
-    """The installed directory of `package`, found without importing it (foolbox's own imports need packages we
-    never install); None when it is not installed."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
 def _shipped_file(root: Path, relative: str) -> Path | None:

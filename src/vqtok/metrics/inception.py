@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.photos import package_dir
+from ..core.packages import package_dir
 
 INCEPTION_SIZE = 299
 INPUT_RANGE = (-1.0, 0.9921875)

@@ -23,25 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.codebook_file import read_codebook_file
 from .base import Quantizer, register, straight_through, two_sided_loss
 from .search import FrozenCodeIndex, nearest_code
-
-CODEBOOK_KEY = "codebook"  # the tensor name inside a codebook .safetensors file
-
-
-def read_codebook_file(path: str | Path) -> tuple[Tensor, dict[str, str]]:
-    """Read the (K, F) codebook and its metadata from a .safetensors file written by `vqtok codebook build`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codebook file {path} does not exist; build one with `vqtok codebook build --out {path}`")
-    with safe_open(str(path), framework="pt") as f:
-        if CODEBOOK_KEY not in f.keys():
-            raise ValueError(f"{path} holds no tensor named {CODEBOOK_KEY!r} (found {list(f.keys())}); "
-                             "is it a codebook written by `vqtok codebook build`?")
-        return f.get_tensor(CODEBOOK_KEY), dict(f.metadata() or {})
-
 
 def standardized(features: Tensor) -> Tensor:
     """Features centred and scaled so the mean row norm is 1 (computed in float64 for 1,000,000 x 1,024 tables)."""

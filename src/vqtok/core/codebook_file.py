@@ -1,13 +1,12 @@
-"""Codebook files: a .safetensors file with one (K, F) float32 tensor named "codebook" and string metadata.
+"""LC codebook files: a .safetensors file with one (K, F) float32 tensor named "codebook" and string metadata.
 
-The reader is `vqtok.quantize.lc.read_codebook_file` (what `build_quantizer("lc", codebook=path)` uses); this module
-adds the writer, which fills in the metadata every codebook carries and writes atomically (temp name, then rename),
-so a killed build never leaves a half-written file where the quantizer would read it.
+`vqtok codebook build` writes them (`save_codebook`), `build_quantizer("lc", codebook=path)` reads them
+(`read_codebook_file`). The write is atomic, so a killed build never leaves a half-written file where the quantizer
+would read it.
 """
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..quantize.lc import CODEBOOK_KEY, read_codebook_file
+from .io import atomic_write_bytes
+
+CODEBOOK_KEY = "codebook"  # the tensor name inside a codebook .safetensors file
 
 
 def vqtok_version() -> str:
@@ -34,22 +35,29 @@ def save_codebook(path: str | Path, codebook: Tensor, metadata: dict[str, Any]) 
         raise ValueError(f"a codebook is a (K, F) tensor with K >= 1, got {tuple(getattr(codebook, 'shape', ()))}")
     if not torch.isfinite(codebook).all():
         raise ValueError("refusing to save a codebook holding NaN or infinite values")
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta |= {"codebook_size": str(codebook.shape[0]), "feature_dim": str(codebook.shape[1]),
              "vqtok_version": vqtok_version()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({CODEBOOK_KEY: codebook.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({CODEBOOK_KEY: codebook.detach().float().cpu().contiguous()}, metadata=meta))
     return path
 
 
-def load_codebook(path: str | Path) -> tuple[Tensor, dict[str, str]]:
+def read_codebook_file(path: str | Path) -> tuple[Tensor, dict[str, str]]:
     """(codebook (K, F) float32, metadata) from a file written by `save_codebook` / `vqtok codebook build`."""
-    return read_codebook_file(path)
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"codebook file {path} does not exist; build one with `vqtok codebook build --out {path}`")
+    with safe_open(str(path), framework="pt") as f:
+        if CODEBOOK_KEY not in f.keys():
+            raise ValueError(f"{path} holds no tensor named {CODEBOOK_KEY!r} (found {list(f.keys())}); "
+                             "is it a codebook written by `vqtok codebook build`?")
+        return f.get_tensor(CODEBOOK_KEY), dict(f.metadata() or {})
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
