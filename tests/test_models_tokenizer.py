@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from vqtok import QUANTIZERS
 from vqtok.models import PRESETS, Tokenizer, TokenizerConfig
 from vqtok.models.autoencoder import AttnBlock, normalize
-from vqtok.models.tokenizer import EMA_FILE, MODEL_FILE, load_state_dict, save_state_dict
+from vqtok.core.io import load_state_dict, save_state_dict
+from vqtok.core.rundir import RunDir
 
 
 def tiny_config(quantizer: str = "vq", tmp_path=None, **kw) -> TokenizerConfig:
@@ -128,7 +129,7 @@ def test_from_pretrained_rebuilds_identical_outputs(quantizer, tmp_path):
     assert torch.equal(a.x_hat, b.x_hat)
     assert torch.equal(a.quant.indices, b.quant.indices)
     assert torch.equal(tok.decode(a.quant.indices), loaded.decode(b.quant.indices))
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", MODEL_FILE]  # no temporary files left
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", RunDir.MODEL]  # no temporary files left
 
 
 def test_lc_codebook_is_saved_and_frozen(tmp_path):
@@ -146,7 +147,7 @@ def test_ema_weights_saved_beside_model(tmp_path):
     tok = Tokenizer(tiny_config())
     ema = {k: v + 0.5 if v.is_floating_point() else v for k, v in tok.state_dict().items()}
     tok.save_pretrained(tmp_path, ema_state_dict=ema)
-    assert (tmp_path / EMA_FILE).is_file()
+    assert (tmp_path / RunDir.EMA).is_file()
     loaded = Tokenizer.from_pretrained(tmp_path, ema=True)
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, ema[key]), key

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from vqtok.cli import main as cli_main
 from vqtok.train import load_config, train
-from vqtok.train import checkpoint as checkpoint_module
-from vqtok.train.checkpoint import latest_checkpoint
+from vqtok.core import rundir as rundir_module
+from vqtok.core.rundir import RunDir
 
 TINY = [
     "model.preset=tiny", "model.image_size=32", "model.quantizer=vq", "model.codebook_size=64", "model.dim=8",
@@ -81,13 +81,13 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, recipe):
     extra = RESUME_RECIPES[recipe] + ["steps=10"]
     train(tiny_config(*extra), tmp_path / "full", progress=False)
     train(tiny_config(*extra), tmp_path / "split", until=4, progress=False)
-    assert latest_checkpoint(tmp_path / "split").name == "step-00000004"
+    assert RunDir(tmp_path / "split").latest_checkpoint().name == "step-00000004"
     train(tiny_config(*extra), tmp_path / "split", resume=True, progress=False)
     for name in ("model.safetensors", "ema.safetensors"):
         full, split = (load_file(str(tmp_path / r / name)) for r in ("full", "split"))
         assert full.keys() == split.keys()
         assert [k for k in full if not torch.equal(full[k], split[k])] == [], name
-    states = [torch.load(latest_checkpoint(tmp_path / r) / "trainer.pt", weights_only=False) for r in ("full", "split")]
+    states = [RunDir(tmp_path / r).load_trainer_state() for r in ("full", "split")]  # weights-only
     if states[0]["disc"] is not None:
         assert [k for k in states[0]["disc"] if not torch.equal(states[0]["disc"][k], states[1]["disc"][k])] == []
         assert states[0]["lecam"] is not None and all(
@@ -137,7 +137,7 @@ def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pa
     extra = ["steps=9"]
     train(tiny_config(*extra), tmp_path / "full", progress=False)
 
-    real_save = checkpoint_module.save_state_dict
+    real_save = rundir_module.save_state_dict
     calls = {"n": 0}
 
     def dying_save(state, path):
@@ -147,12 +147,12 @@ def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pa
             raise SystemExit("killed while writing a checkpoint")
         return real_save(state, path)
 
-    monkeypatch.setattr(checkpoint_module, "save_state_dict", dying_save)
+    monkeypatch.setattr(rundir_module, "save_state_dict", dying_save)
     with pytest.raises(SystemExit):
         train(tiny_config(*extra), tmp_path / "crash", progress=False)
-    monkeypatch.setattr(checkpoint_module, "save_state_dict", real_save)
+    monkeypatch.setattr(rundir_module, "save_state_dict", real_save)
 
-    assert latest_checkpoint(tmp_path / "crash").name == "step-00000003"
+    assert RunDir(tmp_path / "crash").latest_checkpoint().name == "step-00000003"
     assert (tmp_path / "crash" / "checkpoints" / "step-00000006.tmp").exists()  # the torn write is ignored
     train(tiny_config(*extra), tmp_path / "crash", resume=True, progress=False)
     full, crash = weights(tmp_path / "full"), weights(tmp_path / "crash")
@@ -204,7 +204,7 @@ def test_cli_encode_decode_round_trip(tmp_path):
     assert cli_main(["decode", str(run), str(tmp_path / "tokens"), "--out", str(tmp_path / "images")]) == 0
     pngs = sorted((tmp_path / "images").glob("*.png"))
     assert [p.name for p in pngs] == [f"00000-{i:06d}.png" for i in range(8)] + ["00001-000000.png", "00001-000001.png"]
-    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))) for p in pngs])  # (10, 32, 32, 3)
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in pngs])  # (10, 32, 32, 3)
     expected = (model.decode(ids) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     assert torch.equal(pixels, expected)
 

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .device import resolve_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -34,19 +36,15 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
 
 
 def init_from_env(device: str = "auto") -> torch.device:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK) and pick this process's device.
-    NCCL on GPUs, gloo on CPU; a plain `python` run (no WORLD_SIZE) stays single-process."""
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK) and pick this process's device
+    (`resolve_device`). NCCL on GPUs, gloo on CPU; a plain `python` run (no WORLD_SIZE) stays single-process."""
     import os
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch sees no GPU; use --set device=cpu")
-    chosen = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    if want_cuda:
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
     return chosen
 
 

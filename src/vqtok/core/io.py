@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to path.tmp-PID, flush it to disk, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def write_json(path: str | Path, data: Any, indent: int = 2) -> None:
+    """Indented JSON with a final newline."""
+    write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def write_npy(path: str | Path, array: Any) -> None:
+    """A numpy array in .npy format (read back with np.load(path), which never unpickles by default)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def save_state_dict(state: dict[str, Tensor], path: str | Path) -> None:

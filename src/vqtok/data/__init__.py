@@ -1,4 +1,4 @@
-"""Image sources for training and evaluation (DESIGN.md, data sources).
+"""Image sources for training and evaluation.
 
     ds = build_dataset("photos", "val")          # 512 deterministic 64 px crops of the validation photos
     image, label = ds[0]                          # float32 (3, 64, 64) in [0, 1], int
@@ -13,16 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import ImageSource, normalize_split
+from .base import ImageSource, describe_dataset, normalize_split
 from .fashion_mnist import FashionMNIST, has_idx_files
 from .folder import ImageFolder
 from .images import IMAGE_EXTENSIONS, UnreadableImage, open_rgb
 from .photos import VAL_PHOTOS, PhotoCrops, PhotoInfo, list_photos
 
 DEFAULT_SIZE = {"photos": 64, "fashion-mnist": 32, "folder": 256}
+VAL_SEED = 0  # validation crops are the same whatever the training seed, so runs compare on the same images
 
 __all__ = [
-    "build_dataset", "list_photos", "PhotoInfo", "VAL_PHOTOS", "ImageSource", "PhotoCrops", "FashionMNIST",
+    "build_dataset", "describe_dataset", "VAL_SEED", "list_photos", "PhotoInfo", "VAL_PHOTOS", "ImageSource", "PhotoCrops", "FashionMNIST",
     "ImageFolder", "UnreadableImage", "open_rgb", "IMAGE_EXTENSIONS", "DEFAULT_SIZE",
 ]
 

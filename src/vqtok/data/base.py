@@ -88,3 +88,11 @@ class ImageSource(Dataset):
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+
+def describe_dataset(dataset: Dataset) -> dict[str, Any]:
+    """What identifies a dataset in a log, a manifest or a protocol block: its own `describe()` when it has one (every
+    vqtok source does), else its class; always with its length."""
+    describe = getattr(dataset, "describe", None)
+    info = describe() if callable(describe) else {"type": type(dataset).__name__}
+    return {**info, "count": len(dataset)}

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from ..core.device import resolve_device
+from ..core.rundir import RunDir
 from ..quantize import CodeUsage
 
 log = logging.getLogger("vqtok.metrics")
-VAL_SEED = 0  # validation crops are the same whatever the training seed, so runs compare on the same images
 
 EPILOG = """examples:
   vqtok eval runs/demo                                  # the run's own validation data, as training evaluated it
@@ -65,11 +62,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..data import build_dataset
+    from ..data import VAL_SEED, build_dataset
     from ..models import Tokenizer
     from . import evaluate, format_table, write_metrics
+    from .report import write_run_report
 
-    config = read_run_config(args.run_dir)
+    run = RunDir(args.run_dir)
+    config = run.read_config()
     data = config.get("data") or {}
     source = args.data or data.get("source") or "photos"
     same_source = args.data is None or args.data == data.get("source")
@@ -77,53 +76,33 @@ def _run(args: argparse.Namespace) -> int:
     length = data.get("val_length") if same_source and args.split != "train" else None
     dataset = build_dataset(source, args.split, size=size, length=length, seed=VAL_SEED, train_crops=False)
     max_images = None if args.all else (args.max_images or config.get("eval_images"))
-    usage_train = training_usage(args.run_dir)
-    ema = args.weights == "ema" or (args.weights == "auto" and (args.run_dir / "ema.safetensors").is_file())
-    model = Tokenizer.from_pretrained(args.run_dir, ema=ema)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=pick_device(args.device),
+    usage_train = training_usage(run)
+    ema = args.weights == "ema" or (args.weights == "auto" and run.ema.is_file())
+    model = Tokenizer.from_pretrained(run.path, ema=ema)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=resolve_device(args.device),
                        num_workers=args.workers, fid=not args.no_fid, max_images=max_images,
                        usage_train=usage_train, progress=not args.no_progress,
                        lpips_weights=args.lpips_weights, fid_images=args.fid_images or config.get("fid_images"),
                        recon_images=args.recon_images or config.get("recon_images"))
-    metrics["protocol"]["model"] = {"run_dir": str(args.run_dir), "weights": "ema.safetensors" if ema
-                                    else "model.safetensors"}
-    out = write_metrics(metrics, args.out or args.run_dir / "metrics.json")
+    metrics["protocol"]["model"] = {"run_dir": str(run.path), "weights": run.EMA if ema else run.MODEL}
+    out = write_metrics(metrics, args.out or run.metrics)
     if args.out is None:  # the run's own evaluation: refresh its report and pictures too
-        from ..train.report import write_run_report
-
-        write_run_report(args.run_dir, model, dataset, metrics, usage_train)
+        write_run_report(run, model, dataset, metrics, usage_train)
     print(format_table(metrics))
     print(f"wrote {out}")
     return 0
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """run_dir/config.json as a dict, or a clear error when run_dir is not a run directory."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a vqtok run directory (vqtok train --out)?")
-    return json.loads(path.read_text())
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def training_usage(run_dir: Path) -> CodeUsage | None:
-    """The training code histogram from run_dir/trainer.pt, as the trainer's own final evaluation takes it: the last
-    complete epoch ("usage_train"), else the epoch in progress ("usage_epoch"); None when the run has none."""
-    path = run_dir / "trainer.pt"
-    if not path.is_file():
-        return None
+def training_usage(run: RunDir) -> CodeUsage | None:
+    """The training code histogram the trainer stored (the last complete epoch, else the epoch in progress), as the
+    trainer's own final evaluation takes it; None when the run has none."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # holds numpy RNG state: not weights-only
-        for key in ("usage_train", "usage_epoch"):
-            usage = CodeUsage(int(state[key]["codebook_size"]))
-            usage.load_state_dict(state[key])
-            if usage.tokens:
-                return usage
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        log.warning("no training usage in %s (%s): utilization_train is null", path, error)
-    return None
+        state = run.training_usage_state()
+    except ValueError as error:  # e.g. a trainer.pt that cannot be loaded weights-only: evaluate without it
+        log.warning("%s: utilization_train is null", error)
+        return None
+    if state is None:
+        return None
+    usage = CodeUsage(int(state["codebook_size"]))
+    usage.load_state_dict(state)
+    return usage

@@ -5,7 +5,7 @@ registered one (`vqtok.build_quantizer`); quant_conv (1x1, z_channels -> dim) is
 encoder's 256 channels down to lc's and fc's 8. A run directory holds `config.json` (the "model" key is this
 module's; other keys belong to the trainer and are kept) and `model.safetensors` (+ `ema.safetensors`), so
 `Tokenizer.from_pretrained(run_dir)` rebuilds the exact model, lc's frozen codebook included, without the original
-codebook file (DESIGN.md, "Tokenizer").
+codebook file.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core import from_signed, to_signed
-from ..core.io import atomic_write_bytes, load_state_dict, save_state_dict
+from ..core.io import load_state_dict, save_state_dict
+from ..core.rundir import RunDir
 from ..quantize import QuantizeOutput, build_quantizer
 from .autoencoder import AutoencoderConfig, Decoder, Encoder, get_preset
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-EMA_FILE = "ema.safetensors"
 # Quantizer options that only say where initial weights come from; the weights themselves are in the state dict.
 WEIGHT_SOURCE_OPTIONS = ("codebook",)
 
@@ -67,13 +65,13 @@ class TokenizerConfig:
 
 def _jsonable(key: str, value: Any) -> Any:
     if isinstance(value, Tensor):
-        return f"<tensor {tuple(value.shape)}: values saved in {MODEL_FILE}>"
+        return f"<tensor {tuple(value.shape)}: values saved in {RunDir.MODEL}>"
     if isinstance(value, Path):
         return str(value)
     try:
         json.dumps(value)
     except TypeError as err:
-        raise TypeError(f"quantizer option {key}={value!r} cannot be saved in {CONFIG_FILE}: use numbers, strings, "
+        raise TypeError(f"quantizer option {key}={value!r} cannot be saved in {RunDir.CONFIG}: use numbers, strings, "
                         "lists or dicts") from err
     return value
 
@@ -161,15 +159,12 @@ class Tokenizer(nn.Module):
     def save_pretrained(self, run_dir: str | Path, ema_state_dict: dict[str, Tensor] | None = None) -> None:
         """Write config.json["model"] (other keys kept), model.safetensors and, if given, ema.safetensors; each file
         goes to a temporary name first and is renamed, so a crash never leaves a half-written file."""
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_state_dict(self.state_dict(), run_dir / MODEL_FILE)
+        run = RunDir(run_dir)
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_state_dict(self.state_dict(), run.model)
         if ema_state_dict is not None:
-            save_state_dict(ema_state_dict, run_dir / EMA_FILE)
-        config_path = run_dir / CONFIG_FILE
-        data = json.loads(config_path.read_text()) if config_path.exists() else {}
-        data["model"] = self.resolved_config()
-        atomic_write_bytes(config_path, (json.dumps(data, indent=2) + "\n").encode())
+            save_state_dict(ema_state_dict, run.ema)
+        run.update_config("model", self.resolved_config())
 
     def resolved_config(self) -> dict[str, Any]:
         """config.json's "model" section: the TokenizerConfig plus the quantizer's resolved options (its defaults,
@@ -183,18 +178,12 @@ class Tokenizer(nn.Module):
     def from_pretrained(cls, run_dir: str | Path, ema: bool = False, device: str | torch.device = "cpu") -> "Tokenizer":
         """Rebuild from config.json["model"], load model.safetensors (ema.safetensors when ema=True) strictly, and
         move the model to `device`."""
-        run_dir = Path(run_dir)
-        config_path = run_dir / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: is {run_dir} a vqtok run directory (vqtok train --out)?")
-        data = json.loads(config_path.read_text())
+        run = RunDir(run_dir)
+        data = run.read_config()
         if "model" not in data:
-            raise ValueError(f"{config_path} has no 'model' section; it was not written by Tokenizer.save_pretrained")
+            raise ValueError(f"{run.config} has no 'model' section; it was not written by Tokenizer.save_pretrained")
         config = TokenizerConfig.from_dict(data["model"])
-        weights = run_dir / (EMA_FILE if ema else MODEL_FILE)
-        if not weights.is_file():
-            hint = "train with weight EMA on, or load with ema=False" if ema else "the run saved no weights yet"
-            raise FileNotFoundError(f"{weights} not found ({hint})")
+        weights = run.weights(ema)
         state = load_state_dict(weights)
         model = cls(config, **_rebuild_overrides(config, state))
         model.load_state_dict(state, strict=True)

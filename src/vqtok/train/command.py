@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.io import atomic_write_bytes
-from ..models.tokenizer import CONFIG_FILE
+from ..core.io import write_json, write_npy
+from ..core.rundir import RunDir
 
 INDEX_FILE = "index.json"
 
@@ -53,11 +53,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
     if args.resume:
-        saved = args.out / CONFIG_FILE
-        if not saved.is_file():
-            print(f"error: --resume needs {saved}; {args.out} is not a vqtok run directory", file=sys.stderr)
+        run = RunDir(args.out)
+        if not run.config.is_file():
+            print(f"error: --resume needs {run.config}; {args.out} is not a vqtok run directory", file=sys.stderr)
             return 2
-        base = json.loads(saved.read_text())
+        base = run.read_config()
         base = {k: v for k, v in base.items() if k not in ("data_description", "world_size")}
         config = load_config(args.config, overrides, base=None if args.config else base)
     else:
@@ -100,7 +100,7 @@ def token_dtype(codebook_size: int) -> np.dtype:
 def run_encode(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..data import build_dataset
+    from ..data import build_dataset, describe_dataset
     from ..models import Tokenizer
 
     model = Tokenizer.from_pretrained(args.run, ema=args.ema).eval()
@@ -116,8 +116,8 @@ def run_encode(args: argparse.Namespace) -> int:
             return
         name = f"{len(shards):05d}"
         ids, lab = np.concatenate(tokens), np.concatenate(labels)
-        _save_npy(args.out / f"tokens-{name}.npy", ids)
-        _save_npy(args.out / f"labels-{name}.npy", lab)
+        write_npy(args.out / f"tokens-{name}.npy", ids)
+        write_npy(args.out / f"labels-{name}.npy", lab)
         shards.append({"tokens": f"tokens-{name}.npy", "labels": f"labels-{name}.npy", "count": len(ids)})
         tokens.clear()
         labels.clear()
@@ -134,23 +134,11 @@ def run_encode(args: argparse.Namespace) -> int:
     flush()
     index = {"run": str(args.run.resolve()), "codebook_size": model.codebook_size, "grid": list(model.grid),
              "image_size": size, "dtype": dtype.name, "ema": args.ema, "count": sum(s["count"] for s in shards),
-             "data": _describe(dataset), "shards": shards}
-    atomic_write_bytes(args.out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+             "data": describe_dataset(dataset), "shards": shards}
+    write_json(args.out / INDEX_FILE, index)
     print(f"wrote {index['count']} token maps of {model.grid[0]}x{model.grid[1]} ({dtype.name}) in {len(shards)} "
           f"shard(s) to {args.out}")
     return 0
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
-
-
-def _describe(dataset) -> object:
-    describe = getattr(dataset, "describe", None)
-    return describe() if callable(describe) else {"count": len(dataset)}
 
 
 # -- decode -----------------------------------------------------------------------------------------------------------

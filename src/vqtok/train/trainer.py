@@ -16,7 +16,6 @@ position inside the epoch's shuffled order, so N steps + resume + N steps gives 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import signal
@@ -32,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..core import distributed as D
+from ..core import distributed
+from ..core.rundir import RunDir
+from ..data import describe_dataset
 from ..models import (
     LeCAM,
     NLayerDiscriminator,
@@ -44,16 +45,12 @@ from ..models import (
     non_saturating_g_loss,
     vanilla_d_loss,
 )
-from ..core.io import atomic_write_bytes
-from ..models.tokenizer import CONFIG_FILE
 from ..quantize import CodeUsage
-from .checkpoint import TRAINER_FILE, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .report import write_run_report
+from ..metrics.report import write_run_report
 
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 G_LOSSES = {"hinge": hinge_g_loss, "non-saturating": non_saturating_g_loss}
-METRICS_LOG = "metrics.jsonl"
 
 
 def lr_lambda(config: TrainConfig):
@@ -109,10 +106,10 @@ class Position:
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> None:
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
         self.progress = progress
-        self.device = D.init_from_env(config.device)
-        self.rank, self.world = D.rank(), D.world_size()
+        self.device = distributed.init_from_env(config.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self._seed_everything(config.seed)
         self._prepare_codebook()
@@ -140,7 +137,7 @@ class Trainer:
             self._resume()
         elif self.is_main:
             self._start_run_dir()
-        D.barrier()
+        distributed.barrier()
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def _seed_everything(self, seed: int) -> None:
@@ -163,14 +160,14 @@ class Trainer:
         out = Path(cb.cache_dir) / name  # the builder reuses it when its recorded request matches
         if self.is_main:
             path = build_codebook(out=out, **kwargs)
-        D.barrier()
+        distributed.barrier()
         if not self.is_main:
             path = build_codebook(out=out, **{**kwargs, "progress": False})  # a cache hit: the file exists
         model.quantizer_options["codebook"] = str(path)
 
     def _sync_initial_weights(self, module: nn.Module) -> None:
         for tensor in list(module.parameters()) + list(module.buffers()):
-            D.broadcast_(tensor.data)
+            distributed.broadcast_(tensor.data)
 
     def _build_perceptual(self) -> nn.Module | None:
         loss = self.config.loss
@@ -195,9 +192,7 @@ class Trainer:
         return disc, opt, sched, lecam
 
     def _dataset(self, split: str) -> Dataset:
-        from ..data import build_dataset
-
-        from ..metrics.command import VAL_SEED
+        from ..data import VAL_SEED, build_dataset
 
         data = self.config.data
         if split == "train":
@@ -205,15 +200,15 @@ class Trainer:
         return build_dataset(data.source, split, size=data.size, length=data.val_length, seed=VAL_SEED)
 
     def _start_run_dir(self) -> None:
-        if latest_checkpoint(self.run_dir) is not None:
-            raise FileExistsError(f"{self.run_dir} already holds a run; continue it with --resume, or choose "
+        if self.run.latest_checkpoint() is not None:
+            raise FileExistsError(f"{self.run.path} already holds a run; continue it with --resume, or choose "
                                   "another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / METRICS_LOG).unlink(missing_ok=True)
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        self.run.log.unlink(missing_ok=True)
         config = self.config.to_dict()
-        config["data_description"] = _describe(self.train_set)
+        config["data_description"] = describe_dataset(self.train_set)
         config["world_size"] = self.world
-        atomic_write_bytes(self.run_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        self.run.write_config(config)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -227,8 +222,7 @@ class Trainer:
             "lecam": self.lecam.state_dict() if self.lecam else None,
             "usage_epoch": self.usage_epoch.all_reduce().state_dict(),
             "usage_train": self.usage_train.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": capture_rng_state(),
             "config": self.config.to_dict(),
         }
 
@@ -236,20 +230,17 @@ class Trainer:
         state = self.trainer_state()  # collective (usage all-reduce): every rank builds it
         if self.is_main:
             ema = self.ema.state_dict(self.model) if self.ema else None
-            save_checkpoint(self.run_dir, self.position.step, self.model.state_dict(), ema, state,
-                            keep=self.config.keep_checkpoints)
-        D.barrier()
+            self.run.save_checkpoint(self.position.step, self.model.state_dict(), ema, state,
+                                     keep=self.config.keep_checkpoints)
+        distributed.barrier()
 
     def _resume(self) -> None:
-        from ..core.io import load_state_dict
-        from ..models.tokenizer import EMA_FILE, MODEL_FILE
-
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = self.run.latest_checkpoint()
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}; start a "
-                                    "new run without --resume")
-        self.model.load_state_dict(load_state_dict(checkpoint / MODEL_FILE, str(self.device)), strict=True)
-        state = torch.load(checkpoint / TRAINER_FILE, map_location=self.device, weights_only=False)
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.run.checkpoints}; start a new run "
+                                    "without --resume")
+        model_state, ema_state, state = self.run.load_checkpoint(checkpoint, self.device)
+        self.model.load_state_dict(model_state, strict=True)
         self.opt_g.load_state_dict(state["opt_g"])
         self.sched_g.load_state_dict(state["sched_g"])
         for name in ("disc", "opt_d", "sched_d", "lecam"):
@@ -260,19 +251,17 @@ class Trainer:
             if target is not None:
                 target.load_state_dict(state[name])
         if self.ema is not None:
-            self.ema.load(load_state_dict(checkpoint / EMA_FILE, str(self.device)))
+            if ema_state is None:
+                raise ValueError(f"--resume: {checkpoint} has no weight EMA but this config has ema_decay set; resume "
+                                 "with the run's own config")
+            self.ema.load(ema_state)
         self.position = Position(**state["position"])
         # The saved epoch histogram is the all-ranks total: rank 0 keeps it, the others restart from zero, so the
         # next all-reduce gives the same total as an uninterrupted run.
         if self.is_main:
             self.usage_epoch.load_state_dict(state["usage_epoch"])
         self.usage_train.load_state_dict(state["usage_train"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng_state(state["rng"])
         self._log({"event": "resume", "step": self.position.step, "checkpoint": checkpoint.name})
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -338,7 +327,7 @@ class Trainer:
                                     f"with --resume")
         summary = {"step": self.position.step, "rank_checksums": self.rank_checksums(),
                    "tokens_train": self.usage_train.tokens,
-                   "tokens_train_per_rank": D.all_gather_object(self.usage_train_local.tokens)}
+                   "tokens_train_per_rank": distributed.all_gather_object(self.usage_train_local.tokens)}
         if self.position.step >= config.steps:
             summary["metrics"] = self.evaluate(final=True)
         self._log({"event": "end", **{k: v for k, v in summary.items() if k != "metrics"}})
@@ -422,7 +411,7 @@ class Trainer:
                                      "from the last checkpoint with --resume")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        D.all_reduce_mean_grads_(params)
+        distributed.all_reduce_mean_grads_(params)
         if self.config.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
         opt.step()
@@ -448,20 +437,20 @@ class Trainer:
             metrics = evaluate(
                 model, val, batch_size=self.config.data.batch_size, device=self.device,
                 fid=self.config.fid and final, max_images=self.config.eval_images, usage_train=usage_train,
-                out=self.run_dir / "metrics.json" if final else None, progress=self.progress and final,
+                out=self.run.metrics if final else None, progress=self.progress and final,
                 fid_images=self.config.fid_images, recon_images=self.config.recon_images,
             )
             self._log({"event": "eval", "step": self.position.step, "final": final,
                        **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}})
             if final:
-                write_run_report(self.run_dir, model, val, metrics, usage_train)
-        D.barrier()
+                write_run_report(self.run, model, val, metrics, usage_train)
+        distributed.barrier()
         return metrics
 
     def rank_checksums(self) -> list[float]:
         """Each rank's sum of all weights in float64: equal on every rank when data parallelism is working."""
         total = sum(float(t.double().sum()) for t in self.model.state_dict().values() if t.is_floating_point())
-        return D.all_gather_object(total)
+        return distributed.all_gather_object(total)
 
     def _progress_bar(self, stop: int):
         if not (self.progress and self.is_main):
@@ -480,20 +469,38 @@ class Trainer:
                             img_s=f"{logs['images_per_s']:.1f}", refresh=False)
 
     def _log(self, row: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / METRICS_LOG, "a") as f:
-            f.write(json.dumps({"time": time.time(), **row}) + "\n")
+        if self.is_main:
+            self.run.append_log({"time": time.time(), **row})
 
 
 def _item(value: Tensor | float) -> float:
     return float(value.detach()) if isinstance(value, Tensor) else float(value)
 
 
-def _describe(dataset: Dataset) -> Any:
-    describe = getattr(dataset, "describe", None)
-    return describe() if callable(describe) else {"type": type(dataset).__name__, "count": len(dataset)}
+def capture_rng_state() -> dict[str, Any]:
+    """The torch, CUDA, numpy and Python RNG states as tensors and plain numbers (so trainer.pt loads weights-only)."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)},
+        "python": {"version": int(version), "state": torch.tensor(python_state, dtype=torch.int64),
+                   "gauss": python_gauss},
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """The inverse of capture_rng_state."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
 
 
 class _InterruptFlag:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..core.io import atomic_write_bytes, write_text
+from ..core.rundir import RunDir
 from ..quantize import CodeUsage
-
-RECONSTRUCTIONS = "reconstructions.png"
-USAGE_PLOT = "usage.png"
 
 
 def save_reconstruction_grid(model: Any, dataset: Dataset, path: Path, count: int = 8) -> None:
@@ -28,7 +28,9 @@ def save_reconstruction_grid(model: Any, dataset: Dataset, path: Path, count: in
     pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     scale = max(1, 128 // images.shape[-1])  # small crops are enlarged so a person can see them
     image = Image.fromarray(pixels)
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    buffer = io.BytesIO()
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_usage_plot(usage: CodeUsage, path: Path, title: str) -> None:
@@ -47,7 +49,9 @@ def save_usage_plot(usage: CodeUsage, path: Path, title: str) -> None:
     right.set(xlabel="tokens per code", ylabel="codes", title=f"{usage.tokens:,} tokens, perplexity "
                                                               f"{usage.perplexity():,.0f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
     plt.close(fig)
 
 
@@ -68,22 +72,23 @@ METRIC_MEANING = [
 ]
 
 
-def write_run_report(run_dir: Path, model: Any, dataset: Dataset, metrics: dict[str, Any],
+def write_run_report(run: RunDir | str | Path, model: Any, dataset: Dataset, metrics: dict[str, Any],
                      usage: CodeUsage | None) -> Path:
-    """report.md with reconstructions.png and (given the training histogram) usage.png, in run_dir."""
-    save_reconstruction_grid(model, dataset, Path(run_dir) / RECONSTRUCTIONS)
+    """report.md with reconstructions.png and (given the training histogram) usage.png, in the run directory."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    save_reconstruction_grid(model, dataset, run.reconstructions)
     if usage is not None and usage.tokens:
-        save_usage_plot(usage, Path(run_dir) / USAGE_PLOT, "last training epoch")
-    return write_report(run_dir, metrics, usage)
+        save_usage_plot(usage, run.usage_plot, "last training epoch")
+    return write_report(run, metrics, usage)
 
 
-def write_report(run_dir: Path, metrics: dict[str, Any], usage: CodeUsage | None = None) -> Path:
+def write_report(run: RunDir | str | Path, metrics: dict[str, Any], usage: CodeUsage | None = None) -> Path:
     """report.md: what was trained, the metrics with their meaning and protocol, and links to the pictures."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    config = run.read_config()
     model = config["model"]
     lines = [
-        f"# vqtok run `{run_dir.name}`", "",
+        f"# vqtok run `{run.path.name}`", "",
         f"Tokenizer: preset `{model['preset']}` at {model['image_size']} px, quantizer `{model['quantizer']}` with "
         f"{model['codebook_size']:,} codes of dimension {model['dim']}; trained {config.get('steps', '?')} steps on "
         f"`{config.get('data', {}).get('source', '?')}`.", "",
@@ -99,13 +104,12 @@ def write_report(run_dir: Path, metrics: dict[str, Any], usage: CodeUsage | None
     protocol = metrics.get("protocol")
     if protocol:
         lines += ["", "## Protocol", "", "```json", json.dumps(protocol, indent=2), "```"]
-    lines += ["", "## Pictures", "", f"![reconstructions]({RECONSTRUCTIONS})", "",
+    lines += ["", "## Pictures", "", f"![reconstructions]({RunDir.RECONSTRUCTIONS})", "",
               "Top row: validation crops; bottom row: their reconstructions from the tokens.", ""]
     if usage is not None:
-        lines += [f"![code usage]({USAGE_PLOT})", "", "Code usage over the last training epoch, most used code first.", ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+        lines += [f"![code usage]({RunDir.USAGE_PLOT})", "", "Code usage over the last training epoch, most used code first.", ""]
+    write_text(run.report, "\n".join(lines))
+    return run.report
 
 
 def _fmt(value: Any) -> str:
