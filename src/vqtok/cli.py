@@ -3,16 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-
-# Modules that provide `add_subcommand(subparsers)`, in the order `vqtok --help` lists them.
-COMMAND_MODULES = [
-    "vqtok.train.command",  # train, encode, decode
-    "vqtok.metrics.command",  # eval
-    "vqtok.codebook.command",  # codebook build
-    "vqtok.bench_command",  # bench
-]
 
 EXAMPLES = """examples:
   vqtok codebook build --encoder efficientnet-lite0 --data photos --size 100000 --out codebook.safetensors
@@ -33,8 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).add_subcommand(subparsers)
+    from . import bench_command
+    from .codebook import command as codebook_command
+    from .metrics import command as metrics_command
+    from .train import command as train_command
+
+    # each module adds its subcommands, in the order `vqtok --help` lists them
+    for module in (train_command, metrics_command, codebook_command, bench_command):  # train encode decode, eval, ...
+        module.add_subcommand(subparsers)
     return parser
 
 

@@ -4,7 +4,7 @@ Split: ROOT/train for "train" and ROOT/val (or validation, test) for "val" when 
 whole folder serves both splits (describe() says so). Labels: the sorted top-level subfolders of the split folder
 are classes 0..C-1; images lying directly in it get label 0 when there are no classes and -1 otherwise.
 Each image: shorter side resized to `size`, then a centre crop (eval) or a random crop (train, position drawn per
-(seed, epoch, index)), as METHODS.md section 4. Unreadable files are logged, counted in describe()["skipped"], and the
+(seed, epoch, index)), as taming, VQGAN-LC and IBQ prepare ImageNet (no flips). Unreadable files are logged, counted in describe()["skipped"], and the
 next readable file in sorted order is served in their place.
 """
 

@@ -75,7 +75,8 @@ def crop_box(image: Image.Image, box: tuple[float, float, float, float], size: i
 
 
 def shorter_side_box(width: int, height: int, size: int, offset: int | None = None) -> tuple[float, ...]:
-    """The source box of "resize the shorter side to `size`, then crop size x size" (METHODS.md section 4).
+    """The source box of "resize the shorter side to `size`, then crop size x size" (the
+    tokenizer papers' ImageNet preprocessing).
 
     offset=None gives the centre crop (eval); otherwise `offset` in [0, long_side_after_resize - size] positions a
     random crop (train). Done as one box so the image is resampled once."""

@@ -1,4 +1,5 @@
-"""Evaluation metrics, each computed one documented way (METHODS.md section 5), and the loop that writes metrics.json.
+"""Evaluation metrics, each computed one documented way (stated in metrics.json's protocol block beside every
+number), and the loop that writes metrics.json.
 
     from vqtok.metrics import evaluate, format_table
     metrics = evaluate(tokenizer, build_dataset("photos", "val"), out="runs/x/metrics.json")

@@ -1,7 +1,7 @@
 """PSNR and SSIM, one documented way: RGB in [0, 1], per image, computed in float64.
 
 Public tokenizer repos disagree here (VQGAN-LC: PSNR on the Y channel; LlamaGen: SSIM with data_range=2 on [0, 1]
-images; METHODS.md section 5). vqtok: PSNR = 10 log10(1 / MSE) over all RGB values of an image; SSIM as Wang et al.
+images), so the same reconstructions score differently in each. vqtok: PSNR = 10 log10(1 / MSE) over all RGB values of an image; SSIM as Wang et al.
 2004: Gaussian window 11 x 11 with sigma 1.5, K1 = 0.01, K2 = 0.03, data_range 1, computed where the window fits
 inside the image ("valid"), averaged over positions and channels. Identical to scikit-image's
 structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=...).

@@ -5,14 +5,15 @@ middle [ResnetBlock, AttnBlock, ResnetBlock] -> GroupNorm, swish, conv_out (z_ch
 with num_res_blocks + 1 blocks per level ("decoder 3" in VQGAN-LC's f16) and nearest Upsample + conv.
 
 Attention sits at the LOWEST resolution (taming's `attn_resolutions=[16]` at 256 px for f16, [32] for f8) and in the
-middle block, so its resolution follows from the image size: image_size / 2**(len(ch_mult) - 1). Presets
-(METHODS.md section 4) are named as in DiT: `PRESETS["f16"]`, and small CPU presets for 32-64 px images.
+middle block, so its resolution follows from the image size: image_size / 2**(len(ch_mult) - 1). Presets are
+named as in DiT: `PRESETS["f16"]` (ch 128, ch_mult (1, 1, 2, 2, 4): 16x16 tokens at 256 px), `PRESETS["f8"]`
+(ch_mult (1, 2, 2, 4): 32x32 tokens), and small CPU presets for 32-64 px images.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch.nn.functional as F
@@ -55,11 +56,6 @@ class AutoencoderConfig:
             )
         return image_size // self.downsample_factor
 
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["ch_mult"] = list(self.ch_mult)
-        return out
-
     def updated(self, **overrides: Any) -> "AutoencoderConfig":
         """A copy with some fields replaced; unknown names are an error that lists the valid ones."""
         valid = {f.name for f in fields(self)}
@@ -98,9 +94,6 @@ def normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6, affine=True)
 
 
-def swish(x: Tensor) -> Tensor:
-    return F.silu(x)
-
 
 class ResnetBlock(nn.Module):
     """x + conv(swish(norm(conv(swish(norm(x)))))), with a 1x1 shortcut when the channel count changes."""
@@ -115,8 +108,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.nin_shortcut(x) + h
 
 
@@ -212,7 +205,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)  # halves H, W except at the last level
         h = self.mid(h)  # (B, ch * ch_mult[-1], H/f, W/f)
-        return self.conv_out(swish(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -243,4 +236,4 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))  # (B, ch * ch_mult[-1], h, w)
         for level in self.up:
             h = level(h)  # doubles H, W except at the first level
-        return self.conv_out(swish(self.norm_out(h)))  # (B, 3, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)

@@ -1,4 +1,4 @@
-"""GAN losses of the tokenizer recipe (METHODS.md section 4): hinge and non-saturating (vanilla) losses, LeCAM
+"""GAN losses of the tokenizer recipe: hinge (taming, VQGAN-LC) and non-saturating (vanilla; IBQ) losses, LeCAM
 regularisation with its EMA of discriminator outputs (IBQ), and VQGAN's adaptive generator weight (VQGAN-LC).
 
 The reconstruction and perceptual terms live in the trainer and in perceptual.py; the discriminator start step is a

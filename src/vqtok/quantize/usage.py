@@ -1,7 +1,8 @@
 """CodeUsage: the exact histogram of code indices over every token seen (never a rolling window).
 
 Utilization = codes hit at least once / K. A large K scores lower when there are few tokens per code, so every
-summary carries the token count and the perplexity exp(H(counts / tokens)) beside it (METHODS.md section 5).
+summary carries the token count and the perplexity exp(H(counts / tokens)) beside it. Under data parallelism the
+histograms are summed over ranks (all_reduce), never sampled.
 """
 
 from __future__ import annotations
@@ -51,9 +52,6 @@ class CodeUsage:
         total = CodeUsage(self.codebook_size)
         total.counts = counts.to(self.counts.device)
         return total
-
-    def reset(self) -> None:
-        self.counts.zero_()
 
     @property
     def tokens(self) -> int:

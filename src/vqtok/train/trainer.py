@@ -1,7 +1,7 @@
 """The trainer: one code path for a single process and for torchrun data parallelism (NCCL on GPUs, gloo on CPU).
 
 Each step: the tokenizer's loss (L1 + perceptual + the quantizer's weighted loss [+ GAN generator term]) and an Adam
-step; then, once the GAN has started, a discriminator step on real and reconstructed images (METHODS.md section 4).
+step; then, once the GAN has started, a discriminator step on real and reconstructed images.
 
 Data parallelism is done by averaging gradients with one flat all-reduce per optimiser step instead of wrapping the
 modules in DistributedDataParallel: the GAN recipe runs the discriminator several times per step, takes
