@@ -1,4 +1,4 @@
-"""The large-codebook kernel targets (issue 3), measured in ONE run and checked one by one.
+"""The large-codebook kernel targets, measured in ONE run and checked one by one.
 
     .venv/bin/python benchmarks/bench_quantize.py [--json benchmarks/results/quantize_targets.json] [--repeats 3]
 
@@ -26,7 +26,7 @@ GIB = 1024.0  # MiB
 
 
 def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for every target of the issue, from the rows of this run."""
+    """(target, measured, met) for every target, from the rows of this run."""
     by = {(r["method"], r["codebook_size"], r["dim"]): r for r in rows}
     out = []
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vqtok.quantize.search import nearest_code
+from vqtok.kernels import nearest_code
 from vqtok.train.config import load_config
 from vqtok.train.trainer import Trainer
 

@@ -1,4 +1,4 @@
-"""The chunked IBQ autograd Function (quantize/ibq_kernel.py) against the dense autograd reference `ibq_dense`."""
+"""The chunked IBQ autograd Function (vqtok.kernels.chunked_ibq) against the dense autograd reference `ibq_dense`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from vqtok.quantize import build_quantizer, ibq_kernel
-from vqtok.quantize.ibq import ibq_dense
-from vqtok.quantize.ibq_kernel import ibq_chunked, ibq_code_chunk
+from vqtok.kernels import chunked_ibq, chunking, ibq_chunked, ibq_dense
+from vqtok.kernels.chunking import ibq_code_chunk
+from vqtok.quantize import build_quantizer
 
 # (N, K, D, code_chunk): N = 1, K not a multiple of the chunk, chunk 1, one chunk, the automatic chunk.
 SHAPES = [(1, 7, 4, 3), (37, 100, 16, 7), (64, 300, 8, 1), (50, 129, 32, 64), (200, 1000, 16, None), (20, 50, 8, 50)]
@@ -45,7 +45,7 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
 @pytest.fixture(params=["near", "second_pass"])
 def entropy_route(request, monkeypatch):
     """Both ways the codebook entropy is computed: entries near each token's max, or a second pass over codes."""
-    monkeypatch.setattr(ibq_kernel, "NEAR_PER_TOKEN", 10**9 if request.param == "near" else 0)
+    monkeypatch.setattr(chunked_ibq, "NEAR_PER_TOKEN", 10**9 if request.param == "near" else 0)
     return request.param
 
 
@@ -132,12 +132,12 @@ def test_kernel_option_is_validated_and_saved_in_the_config():
     assert q.config()["kernel"] == "chunked"
     assert build_quantizer("ibq", codebook_size=10, dim=4).config()["kernel"] == "auto"
     with pytest.raises(ValueError, match="kernel"):
-        build_quantizer("ibq", codebook_size=10, dim=4, kernel="triton")
+        build_quantizer("ibq", codebook_size=10, dim=4, kernel="fastest")
 
 
 def test_automatic_chunk_bounds_the_buffers_and_bad_input_is_refused():
-    assert ibq_code_chunk(4096, 1_000_000) * 4096 <= ibq_kernel.CHUNK_ELEMENTS
-    assert ibq_code_chunk(1, 500) == 500 and ibq_code_chunk(10**7, 10**6) == ibq_kernel.MIN_CODE_CHUNK
+    assert ibq_code_chunk(4096, 1_000_000) * 4096 <= chunking.CHUNK_ELEMENTS
+    assert ibq_code_chunk(1, 500) == 500 and ibq_code_chunk(10**7, 10**6) == chunking.MIN_CODE_CHUNK
     assert ibq_code_chunk(10, 100, code_chunk=7) == 7
     z, codebook, _ = data(4, 6, 3)
     with pytest.raises(ValueError, match="positive"):

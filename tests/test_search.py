@@ -1,4 +1,5 @@
-"""The chunked code search (quantize/search.py) against the dense reference and float64 brute force."""
+"""The code search backends (vqtok.kernels: fused, chunked, k-d tree) against the dense reference and float64
+brute force."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import os
 import pytest
 import torch
 
-from vqtok.quantize import build_quantizer, search
-from vqtok.quantize.search import (
-    max_inner_product, max_inner_product_dense, nearest_code, nearest_code_dense, run_workers, search_chunks,
-    search_mode,
+from vqtok import kernels
+from vqtok.kernels import (
+    chunking, max_inner_product, max_inner_product_dense, nearest_code, nearest_code_dense, numba_search, run_workers,
 )
+from vqtok.kernels.chunking import search_chunks
+from vqtok.quantize import build_quantizer
 
 # (N, K, D): N = 1, K not a multiple of any chunk, D below / at / above the fused loop's 8-dim groups and its limit.
 SHAPES = [(1, 5, 8), (1, 1, 3), (37, 700, 8), (300, 1001, 3), (129, 513, 16), (200, 777, 32), (150, 900, 64)]
-PATHS = ["fused", "chunked"]  # "fused" is the default (auto) mode: the numba loop where it applies
+PATHS = ["fused", "chunked"]  # "fused" is the automatic choice: the numba loop where it applies
 
 
 def separated(N: int, K: int, D: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +29,7 @@ def separated(N: int, K: int, D: int, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def run(path: str, fn, z, codebook, **chunks):
-    with search_mode("auto" if path == "fused" else "chunked"):
+    with kernels.use(fn.__name__, "auto" if path == "fused" else "chunked"):  # fn: nearest_code / max_inner_product
         return fn(z, codebook, **chunks)
 
 
@@ -90,7 +92,8 @@ def test_ties_resolve_to_the_first_index_even_across_chunks(path, D):
 
 def test_pure_torch_fallback_when_numba_is_missing(monkeypatch):
     z, codebook = separated(100, 999, 8)
-    monkeypatch.setattr(search, "numba", None)
+    monkeypatch.setattr(numba_search, "numba", None)
+    assert kernels.choose("nearest_code", z, codebook) == "chunked"
     index, dist = nearest_code(z, codebook)
     assert torch.equal(index, nearest_code_dense(z, codebook)[0])
     assert torch.allclose(dist, nearest_code_dense(z, codebook)[1], atol=1e-3)
@@ -111,12 +114,12 @@ def test_bf16_and_float64_inputs_search_in_fp32_and_fp64():
 
 def test_dense_mode_routes_to_the_reference_and_bad_input_is_refused():
     z, codebook = separated(10, 50, 8)
-    with search_mode("dense"):
+    with kernels.use("nearest_code", "dense"):
         index, dist = nearest_code(z, codebook)
     ref_index, ref_dist = nearest_code_dense(z, codebook)
     assert torch.equal(index, ref_index) and torch.equal(dist, ref_dist)
-    with pytest.raises(ValueError, match="search mode"):
-        with search_mode("fast"):
+    with pytest.raises(ValueError, match="backend"):
+        with kernels.use("nearest_code", "fast"):
             pass
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         nearest_code(z, codebook[:, :4])
@@ -128,7 +131,7 @@ def test_dense_mode_routes_to_the_reference_and_bad_input_is_refused():
 
 def test_auto_chunks_bound_the_block_and_respect_overrides():
     tokens, codes = search_chunks(100_000, 1_000_000)
-    assert tokens * codes <= search.BLOCK_ELEMENTS and codes >= 256
+    assert tokens * codes <= chunking.BLOCK_ELEMENTS and codes >= 256
     assert search_chunks(5, 3) == (5, 3)
     assert search_chunks(4096, 100_000, token_chunk=64, code_chunk=1000) == (64, 1000)
 
@@ -154,7 +157,7 @@ def test_quantizers_give_the_dense_indices_with_the_chunked_search(name, dim):
     codes = q.codebook_vectors().detach()
     z = (codes[torch.randint(3000, (2 * 5 * 5,))] + 1e-4 * torch.randn(50, dim)).view(2, 5, 5, dim).permute(0, 3, 1, 2)
     chunked = q(z)
-    with search_mode("dense"):
+    with kernels.use("nearest_code", "dense"), kernels.use("max_inner_product", "dense"):
         dense = q(z)
     assert torch.equal(chunked.indices, dense.indices)
     assert torch.allclose(chunked.loss, dense.loss, rtol=1e-6, atol=0)
@@ -167,21 +170,28 @@ def test_the_fused_search_leaves_torchs_thread_count_alone():
     import subprocess
     import sys
 
-    code = ("import torch; from vqtok.quantize import search; assert search.numba is not None; "
-            "search.nearest_code(torch.randn(300, 8), torch.randn(1000, 8)); print(torch.get_num_threads())")
+    code = ("import torch; from vqtok import kernels; from vqtok.kernels import numba_search; "
+            "assert numba_search.numba is not None; z, codebook = torch.randn(300, 8), torch.randn(1000, 8); "
+            "assert kernels.choose('nearest_code', z, codebook) == 'fused'; "
+            "kernels.nearest_code(z, codebook); print(torch.get_num_threads())")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
 
 
+def fresh_key() -> tuple[str, object]:
+    """A frozen_key no other test uses: the k-d tree cache is shared by the whole process."""
+    return ("test", object())
+
+
 def test_frozen_index_finds_the_exact_nearest_code_and_its_squared_distance():
     g = torch.Generator().manual_seed(1)
     codebook = torch.randn(5000, 8, generator=g)
     z = torch.randn(3000, 8, generator=g)
-    index = search.FrozenCodeIndex()
-    assert index.applies(z, codebook)
-    found, distance = index.nearest_code(z, codebook, key="v0")
+    key = fresh_key()
+    assert kernels.choose("nearest_code", z, codebook, frozen_key=key) == "kdtree"
+    found, distance = nearest_code(z, codebook, frozen_key=key)
     exact = brute_force(z, codebook)  # (N, K) float64
     best, first = exact.min(dim=1)
     assert torch.equal(found, first)
@@ -194,7 +204,9 @@ def test_frozen_index_keeps_the_first_index_of_duplicate_codes():
     codebook[3000:3100] = codebook[100:200]  # 100 codes repeated further down the table
     codebook[4000] = codebook[150]
     z = codebook[100:200] + 1e-3 * torch.randn(100, 4, generator=g)
-    found, _ = search.FrozenCodeIndex().nearest_code(z, codebook, key=0)
+    key = fresh_key()
+    assert kernels.choose("nearest_code", z, codebook, frozen_key=key) == "kdtree"
+    found, _ = nearest_code(z, codebook, frozen_key=key)
     assert torch.equal(found, nearest_code(z, codebook)[0])
     assert torch.equal(found, torch.arange(100, 200))
 
@@ -203,24 +215,24 @@ def test_frozen_index_rebuilds_only_when_the_key_changes():
     g = torch.Generator().manual_seed(3)
     codebook = torch.randn(4096, 8, generator=g)
     z = torch.randn(500, 8, generator=g)
-    index = search.FrozenCodeIndex()
-    before, _ = index.nearest_code(z, codebook, key=1)
+    first_key, second_key = fresh_key(), fresh_key()
+    before, _ = nearest_code(z, codebook, frozen_key=first_key)
     moved = codebook.roll(1, dims=0)  # every code now at the next index
-    stale, _ = index.nearest_code(z, moved, key=1)  # same key: the cached tree answers (the caller's promise)
+    stale, _ = nearest_code(z, moved, frozen_key=first_key)  # same key: the cached tree answers (the caller's promise)
     assert torch.equal(stale, before)
-    fresh, _ = index.nearest_code(z, moved, key=2)
+    fresh, _ = nearest_code(z, moved, frozen_key=second_key)
     assert torch.equal(fresh, (before + 1) % 4096)
 
 
 def test_frozen_index_falls_back_where_a_tree_does_not_pay():
     g = torch.Generator().manual_seed(4)
-    index = search.FrozenCodeIndex()
     for K, D in ((1000, 8), (5000, 32)):
         codebook, z = torch.randn(K, D, generator=g), torch.randn(200, D, generator=g)
-        assert not index.applies(z, codebook)
-        assert torch.equal(index.nearest_code(z, codebook, key=(K, D))[0], nearest_code(z, codebook)[0])
-    with search_mode("dense"):
-        assert not index.applies(torch.randn(3, 8), torch.randn(5000, 8))
+        key = fresh_key()
+        assert kernels.choose("nearest_code", z, codebook, frozen_key=key) != "kdtree"
+        assert torch.equal(nearest_code(z, codebook, frozen_key=key)[0], nearest_code(z, codebook)[0])
+    with kernels.use("nearest_code", "dense"):
+        assert kernels.choose("nearest_code", torch.randn(3, 8), torch.randn(5000, 8), frozen_key=fresh_key()) == "dense"
 
 
 def test_lc_in_eval_mode_follows_every_change_of_its_projector():

@@ -2,12 +2,14 @@
 
 For each row (method, codebook size K, dim D) it times, interleaved in one loop so that a shared machine's load hits
 every path alike, and takes the median of the repeats:
-- chunked: the quantizer as shipped (quantize/search.py, quantize/ibq_kernel.py);
-- dense: the same quantizer on the dense reference (`search_mode("dense")`, ibq kernel="dense");
+- chunked: the quantizer as shipped, on the kernel registry's automatic choice (vqtok.kernels: the chunked or
+  fused search, the k-d tree where it applies); the ibq rows pin the IBQ step to its "chunked" backend, which the
+  automatic choice leaves for the dense one at small N x K;
+- dense: the same quantizer with every kernel operation forced to its dense reference (`kernels.use(op, "dense")`);
 - vqp: vector-quantize-pytorch's VectorQuantize(dim=D, codebook_size=K), when installed (the `bench` extra);
 - faiss: faiss-cpu's exact search (IndexFlatL2; IndexFlatIP for ibq, whose lookup is a maximum inner product), on
   the "search" rows (a bare search; faiss_everywhere=True adds it to the quantizer rows);
-- cdist (the "search" rows): torch.cdist + argmin, the dense path the issue's D = 8 target is stated against;
+- cdist (the "search" rows): torch.cdist + argmin, the usual dense way to find nearest codes;
 - matmul: the bare z @ E^T of the same shape, the floor any exact method pays.
 "forward" is a training-mode forward (the graph is built), "forward_backward" adds loss.backward(); the search rows
 time `nearest_code` alone. Peak extra memory is the resident-set high-water mark above the resident set before the
@@ -17,6 +19,7 @@ kept from earlier calls is not silently reused); it sees every allocator (torch,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -26,28 +29,27 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from . import kernels
 from .quantize import build_quantizer
-from .quantize.ibq import ibq_dense
-from .quantize.ibq_kernel import ibq_chunked
-from .quantize.search import FrozenCodeIndex, nearest_code, search_mode
 
 METHODS = ("search", "vq", "fc", "ema", "lc", "ibq")
-EXTRA_METHODS = ("ibq_step",)  # the IBQ step alone (ibq_kernel vs ibq_dense, with the penalty): not run by default
-SIZES = (1024, 16_384, 100_000, 262_144)  # the default grid (about 10 minutes on 2 cores)
-LARGE_SIZES = (1_048_576,)  # the issue's grid adds these for the chunked paths: --sizes ... 1048576
+EXTRA_METHODS = ("ibq_step",)  # the IBQ step alone (chunked vs dense backend, with the penalty): not run by default
+SIZES = (1024, 16_384, 100_000, 262_144)  # the default grid
+LARGE_SIZES = (1_048_576,)  # the full grid adds these for the chunked paths: --sizes ... 1048576
 DIMS = (8, 256)
 NATURAL_DIMS = {"search": (8, 256), "vq": (256,), "fc": (8,), "ema": (256,), "lc": (8,), "ibq": (256,),
                 "ibq_step": (256,)}
 QUICK = {"sizes": (512, 2048), "dims": (8, 32), "tokens": 64, "repeats": 1}
-DENSE_MAX_CODES = 262_144  # the issue's grid: larger sizes run the chunked paths (plus faiss and matmul) only
+DENSE_MAX_CODES = 262_144  # larger sizes run the chunked paths (plus faiss and matmul) only
 # Predicted peak of the dense paths, in units of one (N, K) fp32 matrix (ibq: 9.8 GiB at N = 4096, K = 100,000).
 DENSE_FACTOR = {"search": 3, "cdist": 2, "vq": 3, "fc": 3, "ema": 3, "lc": 3, "ibq": 6.5, "ibq_step": 6.5, "vqp": 6.5}
 LC_FEATURES = 768  # VQGAN-LC's codebook: CLIP ViT-L/14 features
+DENSE = {op: "dense" for op in kernels.OPS}  # the "dense" paths: every kernel operation on its dense reference
 MIB = 2**20
 
 
@@ -155,14 +157,24 @@ def _z_shape(tokens: int, dim: int) -> tuple[int, int, int, int]:
     return (tokens // 256, dim, 16, 16) if tokens % 256 == 0 else (tokens, dim, 1, 1)
 
 
-def _quantizer_phases(q: torch.nn.Module, z: Tensor, grad: Tensor, mode: str | None) -> dict[str, Callable]:
+@contextlib.contextmanager
+def _forcing(backends: dict[str, str]) -> Iterator[None]:
+    """Force a backend per kernel operation (kernels.use) for the duration of a call."""
+    with contextlib.ExitStack() as stack:
+        for op, backend in backends.items():
+            stack.enter_context(kernels.use(op, backend))
+        yield
+
+
+def _quantizer_phases(q: torch.nn.Module, z: Tensor, grad: Tensor, backends: dict[str, str]) -> dict[str, Callable]:
+    """A forward, and a forward+backward, of q with the given kernel backends forced ({}: the automatic choice)."""
     def forward() -> None:
-        with search_mode(mode or "auto"):
+        with _forcing(backends):
             q(z.detach().requires_grad_())
 
     def forward_backward() -> None:
         q.zero_grad(set_to_none=True)
-        with search_mode(mode or "auto"):
+        with _forcing(backends):
             out = q(z.detach().requires_grad_())
             (out.loss + (out.z_q * grad).sum()).backward()
 
@@ -242,9 +254,9 @@ def _row_paths(method: str, K: int, D: int, config: BenchConfig, notes: list[str
         flat, codebook, paths = _search_paths(config.tokens, K, D, fits)
     elif method == "ibq_step":
         flat, codebook, grad = torch.randn(config.tokens, D), torch.randn(K, D), torch.randn(config.tokens, D)
-        paths = [_Timed("chunked", _step_phases(ibq_chunked, flat, codebook, grad))]
+        paths = [_Timed("chunked", _step_phases("chunked", flat, codebook, grad))]
         if fits("ibq_step"):
-            paths.append(_Timed("dense", _step_phases(ibq_dense, flat, codebook, grad)))
+            paths.append(_Timed("dense", _step_phases("dense", flat, codebook, grad)))
     else:
         flat, codebook, paths = _quantizer_paths(method, K, D, config, fits, notes)
     if method == "search" or config.faiss_everywhere:
@@ -277,13 +289,14 @@ def _dense_rule(K: int, config: BenchConfig, notes: list[str]) -> Callable[[str]
 
 
 def _search_paths(N: int, K: int, D: int, fits: Callable[[str], bool]) -> tuple[Tensor, Tensor, list[_Timed]]:
-    """nearest_code alone: chunked, dense reference, cdist + argmin; and, where it applies (CPU, D <= 16), the
-    k-d tree that evaluation uses for a fixed codebook ("tree": built on the warm-up call, queries timed)."""
+    """nearest_code alone: the automatic choice without a frozen codebook ("chunked": the fused or chunked search),
+    dense reference, cdist + argmin; and, where the registry would pick it for a frozen codebook (CPU, D <= 16,
+    large K), the k-d tree that evaluation uses ("tree": built on the warm-up call, queries timed)."""
     flat, codebook = torch.randn(N, D), torch.randn(K, D)
-    paths = [_Timed("chunked", {"forward": lambda: nearest_code(flat, codebook)})]
-    frozen = FrozenCodeIndex()
-    if frozen.applies(flat, codebook):
-        paths.append(_Timed("tree", {"forward": lambda: frozen.nearest_code(flat, codebook, key="bench")}))
+    paths = [_Timed("chunked", {"forward": lambda: kernels.nearest_code(flat, codebook)})]
+    frozen_key = ("bench", object())  # names this codebook alone (the registry's tree cache is process-wide)
+    if kernels.choose("nearest_code", flat, codebook, frozen_key=frozen_key) == "kdtree":
+        paths.append(_Timed("tree", {"forward": lambda: kernels.nearest_code(flat, codebook, frozen_key=frozen_key)}))
     if fits("search"):
         paths.append(_Timed("dense", {"forward": lambda: _dense_search(flat, codebook)}))
     if fits("cdist"):
@@ -297,14 +310,10 @@ def _quantizer_paths(
     """A registered quantizer as shipped, on its dense reference, and vector-quantize-pytorch's VectorQuantize."""
     q = _build(method, K, D, config)
     z, grad = torch.randn(_z_shape(config.tokens, D)), torch.randn(_z_shape(config.tokens, D))
-    if method == "ibq":
-        paths = [_Timed("chunked", _ibq_phases(q, z, grad, "chunked"))]
-        if fits("ibq"):
-            paths.append(_Timed("dense", _ibq_phases(q, z, grad, "dense")))
-    else:
-        paths = [_Timed("chunked", _quantizer_phases(q, z, grad, None))]
-        if fits(method):
-            paths.append(_Timed("dense", _quantizer_phases(q, z, grad, "dense")))
+    shipped = {"ibq_step": "chunked"} if method == "ibq" else {}
+    paths = [_Timed("chunked", _quantizer_phases(q, z, grad, shipped))]
+    if fits(method):
+        paths.append(_Timed("dense", _quantizer_phases(q, z, grad, DENSE)))
     vqp = _vqp_phases(K, D, z, grad)
     if isinstance(vqp, str):
         notes.append(vqp)
@@ -313,10 +322,12 @@ def _quantizer_paths(
     return z.permute(0, 2, 3, 1).reshape(-1, D), q.codebook_vectors().detach(), paths
 
 
-def _step_phases(step: Callable, flat: Tensor, codebook: Tensor, grad: Tensor) -> dict[str, Callable]:
-    """An IBQ step on its own: sum(z_q * G) + 0.05 (sample entropy - codebook entropy), IBQ's penalty."""
+def _step_phases(backend: str, flat: Tensor, codebook: Tensor, grad: Tensor) -> dict[str, Callable]:
+    """An IBQ step on its own, on the given backend: sum(z_q * G) + 0.05 (sample entropy - codebook entropy),
+    IBQ's penalty."""
     def forward() -> Any:
-        return step(flat.detach().requires_grad_(), codebook.detach().requires_grad_())
+        with kernels.use("ibq_step", backend):
+            return kernels.ibq_step(flat.detach().requires_grad_(), codebook.detach().requires_grad_())
 
     def forward_backward() -> None:
         result = forward()
@@ -326,18 +337,8 @@ def _step_phases(step: Callable, flat: Tensor, codebook: Tensor, grad: Tensor) -
 
 
 def _dense_search(flat: Tensor, codebook: Tensor) -> None:
-    with search_mode("dense"):
-        nearest_code(flat, codebook)
-
-
-def _ibq_phases(q: torch.nn.Module, z: Tensor, grad: Tensor, kernel: str) -> dict[str, Callable]:
-    def with_kernel(call: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            q.kernel = kernel
-            call()
-        return run
-
-    return {name: with_kernel(call) for name, call in _quantizer_phases(q, z, grad, None).items()}
+    with kernels.use("nearest_code", "dense"):
+        kernels.nearest_code(flat, codebook)
 
 
 # -- one row --------------------------------------------------------------------------------------------------------
@@ -412,7 +413,7 @@ def bench_row(method: str, K: int, D: int, config: BenchConfig) -> dict[str, Any
 def warm_up() -> None:
     """First calls load numba's cached kernels, faiss and torch's lazy state: keep that out of the first row."""
     for dim in (8, 16, 64):
-        nearest_code(torch.randn(300, dim), torch.randn(500, dim))
+        kernels.nearest_code(torch.randn(300, dim), torch.randn(500, dim))
     q = build_quantizer("ibq", codebook_size=600, dim=16, kernel="chunked").train()
     out = q(torch.randn(2, 16, 16, 16))
     (out.loss + out.z_q.sum()).backward()

@@ -12,8 +12,8 @@ EPILOG = """examples:
   vqtok bench quantize                                   # the default grid (each method at its own dims)
   vqtok bench quantize --methods search ibq --sizes 100000 262144 --dims 256 --json bench.json
   vqtok bench quantize --quick                           # a tiny grid in seconds (what the tests run)
-  vqtok bench quantize --sizes 1024 16384 100000 262144 1048576 --dims 8 256   # the issue's full grid (hours)
-  python benchmarks/bench_quantize.py                    # the issue's targets, checked one by one
+  vqtok bench quantize --sizes 1024 16384 100000 262144 1048576 --dims 8 256   # the full grid (hours)
+  python benchmarks/bench_quantize.py                    # the kernel targets, checked one by one
 
 Times are medians of up to --repeats runs after a warm-up, all paths of a row interleaved so a shared machine's
 load hits them alike (a call slower than --slow-seconds keeps its warm-up as a sample; no new round starts after
@@ -45,7 +45,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                           help=f"any of {' '.join(METHODS + EXTRA_METHODS)} (default: {' '.join(METHODS)}; "
                                "'search' is nearest_code alone, 'ibq_step' the IBQ step without the quantizer)")
     quantize.add_argument("--sizes", nargs="+", default=None, metavar="K",
-                          help=f"codebook sizes (default: {' '.join(map(str, SIZES))}; the issue's full grid adds "
+                          help=f"codebook sizes (default: {' '.join(map(str, SIZES))}; the full grid adds "
                                f"{' '.join(map(str, LARGE_SIZES))}, chunked paths only, which takes much longer)")
     quantize.add_argument("--dims", nargs="+", default=None, metavar="D",
                           help=f"code dims for every method, e.g. {' '.join(map(str, DIMS))} "

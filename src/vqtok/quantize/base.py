@@ -50,10 +50,6 @@ def build_quantizer(name: str, codebook_size: int, dim: int, **options: Any) -> 
     return QUANTIZERS[name](codebook_size=int(codebook_size), dim=int(dim), **options)
 
 
-def mse(a: Tensor, b: Tensor) -> Tensor:
-    return F.mse_loss(a, b)
-
-
 class Quantizer(nn.Module):
     """Base class. Subclasses set up their codebook and implement `quantize` and `codebook_vectors`."""
 
@@ -121,7 +117,7 @@ def two_sided_loss(
     z: Tensor, codes: Tensor, commitment_weight: float, codebook_weight: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """taming's VQ loss: commitment_weight * ||sg(e) - z||^2 + codebook_weight * ||e - sg(z)||^2 (means)."""
-    commitment = mse(codes.detach(), z)
-    codebook = mse(codes, z.detach())
+    commitment = F.mse_loss(codes.detach(), z)
+    codebook = F.mse_loss(codes, z.detach())
     loss = commitment_weight * commitment + codebook_weight * codebook
     return loss, {"commitment": commitment.detach(), "codebook": codebook.detach()}

@@ -5,7 +5,7 @@ Laplace smoothing n_k' = (n_k + eps) / (sum n + K eps) * sum n, e_k = m_k / n_k'
 The loss is the commitment term only. Initialisation follows taming's EmbeddingEMA (codes ~ N(0, 1),
 m = codes, n = 0).
 
-Choices (METHODS.md section 1): updates happen only in training mode (the reference also updated during
+Choices: updates happen only in training mode (the reference also updated during
 evaluation, a bug); under torch.distributed the counts and sums are all-reduced before the update, so every rank
 holds the same codebook. The update uses the codes chosen before it, so the returned z_q and loss belong to the
 codebook the step started with. commitment_weight defaults to 1.0, the commitment weight of vq and lc, so that the
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.distributed import all_reduce_sum_
-from .base import Quantizer, mse, register, straight_through
-from .search import nearest_code
+from ..kernels import nearest_code
+from .base import Quantizer, register, straight_through
 
 
 @register("ema")
@@ -55,7 +55,7 @@ class EMAQuantizer(Quantizer):
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         indices, _ = nearest_code(z.detach(), self.codebook)  # (N,)
         codes = F.embedding(indices, self.codebook)  # (N, D), no gradient: a buffer
-        commitment = mse(codes, z)
+        commitment = F.mse_loss(codes, z)
         if self.training:
             self.ema_update(z.detach(), indices)
         return straight_through(z, codes), indices, self.commitment_weight * commitment, {

@@ -10,8 +10,12 @@ Choice (`standardize=True`, the default): the features are centred and scaled to
 is built. That affine map is absorbed exactly by the Linear projector (bias and weight), so the method and what it
 can learn are unchanged; only the starting point moves. The released code projects raw CLIP features; with
 other encoders the raw scale is arbitrary (efficientnet-lite0 features have norm ~50), and then every projected code
-starts far from the encoder's outputs: measured with the tiny preset, 1 of 20,000 codes was used at initialisation
-with raw features, 1,779 with standardised ones. `standardize=False` reproduces the released code.
+starts far from the encoder's outputs and almost none is used at initialisation. `standardize=False` reproduces the
+released code.
+
+Lookup: in training P(C) changes every step, so each forward searches it afresh; in evaluation it stays fixed from
+batch to batch, so the search is given a key naming its current state and the kernel registry may reuse work
+across calls (an exact k-d tree built once at low D, answering each token in about log K steps).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.codebook_file import read_codebook_file
+from ..kernels import nearest_code
 from .base import Quantizer, register, straight_through, two_sided_loss
-from .search import FrozenCodeIndex, nearest_code
+
 
 def standardized(features: Tensor) -> Tensor:
     """Features centred and scaled so the mean row norm is 1 (computed in float64 for 1,000,000 x 1,024 tables)."""
@@ -59,7 +64,8 @@ class LCQuantizer(Quantizer):
         self.register_buffer("codebook", features)  # frozen: a buffer, never a parameter
         self.projector = nn.Linear(features.shape[1], dim, bias=True)
         nn.init.normal_(self.projector.weight, std=dim**-0.5)
-        self._frozen_index = FrozenCodeIndex()  # evaluation's lookups: P(C) is fixed between calls there
+        # Only this quantizer holds this object, so no other codebook's key can equal this one's (see _state_key).
+        self._key_owner = object()
 
     @staticmethod
     def _initial_codebook(codebook: Tensor | str | Path | None, K: int, codebook_dim: int | None) -> Tensor:
@@ -94,17 +100,18 @@ class LCQuantizer(Quantizer):
         return F.linear(self.codebook, self.projector.weight.float(), self.projector.bias.float())  # (K, D) = P(C)
 
     def _state_key(self) -> tuple[object, ...]:
-        """Changes whenever P(C) can: any write to the codebook or the projector (optimiser step, load_state_dict,
-        in-place edit) bumps a version counter; moving or re-assigning them changes a data pointer."""
+        """The frozen_key of P(C) for the kernel registry: equal keys promise an equal P(C). It changes whenever
+        P(C) can: any write to the codebook or the projector (optimiser step, load_state_dict, in-place edit) bumps
+        a version counter; moving or re-assigning them changes a data pointer. torch has no public accessor for the
+        version counter, hence `_version`. The owner object keeps keys of different quantizers apart (their tensors
+        can reuse freed memory, so pointers and counters alone could coincide)."""
         tensors = (self.codebook, self.projector.weight, self.projector.bias)
-        return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
+        return (self._key_owner, *((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors))
 
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         projected = self.codebook_vectors()  # (K, D), recomputed every forward
-        if self.training:
-            indices, _ = nearest_code(z.detach(), projected.detach())  # (N,)
-        else:  # P(C) stays put from batch to batch: an exact k-d tree built once answers in ~log K (search.py)
-            indices, _ = self._frozen_index.nearest_code(z.detach(), projected.detach(), self._state_key())
+        frozen_key = None if self.training else self._state_key()  # P(C) stays put between evaluation batches
+        indices, _ = nearest_code(z.detach(), projected.detach(), frozen_key=frozen_key)  # (N,)
         codes = F.embedding(indices, projected)  # (N, D), gradient reaches the projector
         loss, terms = two_sided_loss(z, codes, self.commitment_weight, self.codebook_weight)
         return straight_through(z, codes), indices, loss, terms

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import nearest_code
 from .base import Quantizer, register, straight_through, two_sided_loss
-from .search import nearest_code
 
 
 @register("vq")

@@ -1,19 +1,33 @@
-"""The IBQ step without any (N, K) tensor: an autograd Function over code chunks (METHODS.md section 3).
+"""The IBQ step without any (N, K) tensor: an autograd Function over chunks of codes.
 
-Forward, one pass over code chunks of l = z E^T: an online softmax (per chunk, then merged: running max m, sums
-rescaled when m grows) gives per token the argmax k*, log-sum-exp of l, y = p E (so <p, g> = G . y needs no pass in
-backward), and the sample entropy of q = softmax(l / T) from s = sum exp(a) and w = sum exp(a) a, a = (l - m) / T:
-H(q) = log s - w / s. The codebook entropy needs sum_n q_n, i.e. each token's final normaliser, so the pass also
-keeps the few entries within T * 64 of each token's running max (everything else has q < e^-64, the floor below
-which every exponent here is clamped); when q is too flat for that (more than NEAR_PER_TOKEN entries per token), a
-second pass recomputes q chunk by chunk instead (a chunk holds every token, so its column sums are exact).
-Either gives H(mean q), c_k = dH(mean q) / d(mean q)_k and <q_n, c>.
-Backward recomputes l (and g = G E^T in the same matmul) per chunk and applies, with alpha = dL/dS / (N T) and
-beta = dL/dC / (N T) for S = mean_n H(q_n) and C = H(mean_n q_n):
+It returns what `ibq_dense` (kernels/ibq.py) returns, with the same values and gradients. Notation, per token n
+(the index n is dropped where it is clear): logits l = z E^T, m = max_k l_k, k* = argmax_k l_k (first on ties),
+p = softmax(l), q = softmax(l / T), a = (l - m) / T, G = dL/dz_q (N, D), g = G E^T (the upstream gradient seen
+by each logit).
+
+Forward, one pass over code chunks: an online softmax (each chunk's state, then merged: when the running max m
+grows, every sum kept so far is rescaled by exp(old m - new m)) gives per token
+  k*, m, lse = log sum_k exp(l_k), y = p E (so that <p, g> = G . y needs no pass in backward),
+  and with the entropy penalty q_sum = sum_k exp(a_k), qa_sum = sum_k exp(a_k) a_k, hence
+  H(q_n) = -sum_k q_k log q_k = log q_sum - qa_sum / q_sum.
+The codebook entropy C = H(mean_n q_n) = -sum_k v_k log(v_k + eps), v = mean_n q_n, needs each token's final
+normaliser, so the pass also keeps the few entries within T * |EXP_FLOOR| of each token's running max (everything
+else has q below exp(EXP_FLOOR), the floor at which every exponent here is clamped); when q is too flat for that
+(more than NEAR_PER_TOKEN entries per token), a second pass recomputes q chunk by chunk instead (a chunk holds every
+token, so its column sums v_k are exact). Either gives C, c_k = dC / dv_k = -(log(v_k + eps) + v_k / (v_k + eps))
+and <q_n, c>.
+
+Backward recomputes l (and g, in the same matmul) per chunk and applies, with S = mean_n H(q_n),
+alpha = dL/dS / (N T) and beta = dL/dC / (N T):
     dl = p (g - <p, g>) - alpha q (log q + H(q_n)) + beta q (c - <q_n, c>)
-    dz = sum_k dl_k e_k,   dE_k = dl_k z + G h_k
+    dz = sum_k dl_k e_k,   dE_k = sum_n dl_nk z_n + sum_n [k = k*_n] (G_n + G'_n)
+where G' is the upstream gradient of the hard path h E.
 Cost: 6 matmuls of z E^T's size (7 with the second pass); the dense path does as many plus ~20 passes over (N, K)
 tensors. Extra memory: a few (N, chunk) buffers per worker, the (K, D) codebook gradient, O(N D + K) statistics.
+
+Layout of this file: the equations on one chunk (`_Softmax`, `_chunk_softmax`, `_codebook_entropy_terms`,
+`_log_q`, `_chunk_logit_grad`), then the passes that run them over the chunks (`_first_pass`, `_second_pass`,
+`_backward`). How big a chunk is and how chunks are shared among threads is kernels/chunking.py's business.
 """
 
 from __future__ import annotations
@@ -25,26 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .chunking import buffer_view, ibq_code_chunk, run_workers, worker_buffers, worker_count
 from .ibq import CODEBOOK_ENTROPY_EPS, IBQResult
-from .search import run_workers, worker_count
 
-CHUNK_ELEMENTS = 1024 * 1024  # elements of one (tokens x codes) buffer: 4 MiB in fp32; a few live per worker
-MIN_CODE_CHUNK = 64
 NEAR_PER_TOKEN = 16  # entries near the max kept per token (on average) before falling back to the second pass
-DENSE_MAX_ELEMENTS = 64 * 1024  # kernel="auto" keeps ibq_dense while N x K is at most this (fewer passes win there)
 # Exponents are clamped from below before exp: exp(-64) = 1.6e-28 of the largest term is far below fp32's resolution
-# of any sum it enters, and neither denormals nor underflow are produced (torch's CPU exp takes a slow path there,
-# 5-16x slower, and with T = 0.01 most of q would be in it).
+# of any sum it enters, and neither denormals nor underflow are produced (torch's CPU exp takes a much slower path
+# there, and with T = 0.01 most of q would be in it).
 EXP_FLOOR = {torch.float32: -64.0, torch.float64: -600.0}
-
-
-def ibq_code_chunk(n_tokens: int, n_codes: int, code_chunk: int | None = None) -> int:
-    """Codes per chunk: about CHUNK_ELEMENTS / N (at least MIN_CODE_CHUNK, at most K) unless given."""
-    if code_chunk is not None:
-        if int(code_chunk) < 1:
-            raise ValueError(f"code_chunk must be a positive integer, got {code_chunk}")
-        return min(int(code_chunk), n_codes)
-    return min(n_codes, max(MIN_CODE_CHUNK, CHUNK_ELEMENTS // max(n_tokens, 1)))
 
 
 def ibq_chunked(
@@ -53,7 +55,8 @@ def ibq_chunked(
     """The IBQ step of `ibq_dense` with the same values and gradients, computed over code chunks.
 
     z (N, D), codebook (K, D), any float dtypes (computed in fp32, fp64 if either is fp64; z_q in their promoted
-    dtype). entropy=False skips everything the entropy penalty needs and returns NaN for both entropies."""
+    dtype). entropy=False skips everything the entropy penalty needs and returns NaN for both entropies.
+    code_chunk: codes per chunk (default: from the shapes, see kernels/chunking.py)."""
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
     if z.shape[0] == 0 or codebook.shape[0] == 0:
@@ -67,36 +70,38 @@ def ibq_chunked(
     return IBQResult(z_q, indices, sample_entropy, codebook_entropy, hard)
 
 
+# -- the equations on one chunk of codes ------------------------------------------------------------------------------
 @dataclass
 class _Softmax:
-    """Online-softmax state over some codes, per token (N,): max logit m, its first index, s = sum exp(l - m),
-    y = sum exp(l - m) e (N, D); with the entropy, s_q = sum exp(a) and w = sum exp(a) a, a = (l - m) / T."""
+    """Online-softmax state over some codes, per token (N,): max logit m, its first index, p_sum = sum exp(l - m),
+    y = sum exp(l - m) e (N, D); with the entropy, q_sum = sum exp(a) and qa_sum = sum exp(a) a, a = (l - m) / T."""
 
     m: Tensor
     index: Tensor
-    s: Tensor
+    p_sum: Tensor
     y: Tensor
-    s_q: Tensor | None
-    w: Tensor | None
+    q_sum: Tensor | None
+    qa_sum: Tensor | None
 
     def absorb(self, other: "_Softmax", temperature: float, ties_to_lower: bool) -> None:
         """In place: the state over both sets of codes; each side's sums are rescaled to the common max
-        (exp(a + shift) = exp(a) exp(shift)). Within one worker `other` holds later codes, so a tie keeps
-        self's index; across workers ties_to_lower picks the lower index (other.index may be unset where
-        other.m <= self.m within a worker)."""
+        (exp(a + shift) = exp(a) exp(shift), and sum exp(a + shift) (a + shift) = exp(shift) (qa_sum + shift q_sum)).
+        Within one worker `other` holds later codes, so a tie keeps self's index; across workers ties_to_lower picks
+        the lower index (other.index may be unset where other.m <= self.m within a worker)."""
         m = torch.maximum(self.m, other.m)
         take = other.m > self.m
         if ties_to_lower:
             take |= (other.m == self.m) & (other.index < self.index)
         self.index = torch.where(take, other.index, self.index)
-        fa, fb = torch.exp(self.m - m), torch.exp(other.m - m)
-        self.s = self.s * fa + other.s * fb
-        self.y.mul_(fa[:, None]).addcmul_(other.y, fb[:, None])  # (N, D), in place: no allocation per chunk
-        if self.s_q is not None:
-            shift_a, shift_b = (self.m - m) / temperature, (other.m - m) / temperature  # <= 0
-            ga, gb = torch.exp(shift_a), torch.exp(shift_b)
-            self.w = ga * (self.w + shift_a * self.s_q) + gb * (other.w + shift_b * other.s_q)
-            self.s_q = ga * self.s_q + gb * other.s_q
+        p_scale, p_scale_other = torch.exp(self.m - m), torch.exp(other.m - m)
+        self.p_sum = self.p_sum * p_scale + other.p_sum * p_scale_other
+        self.y.mul_(p_scale[:, None]).addcmul_(other.y, p_scale_other[:, None])  # (N, D), in place: no allocation
+        if self.q_sum is not None:
+            shift, shift_other = (self.m - m) / temperature, (other.m - m) / temperature  # <= 0
+            q_scale, q_scale_other = torch.exp(shift), torch.exp(shift_other)
+            self.qa_sum = (q_scale * (self.qa_sum + shift * self.q_sum)
+                           + q_scale_other * (other.qa_sum + shift_other * other.q_sum))
+            self.q_sum = q_scale * self.q_sum + q_scale_other * other.q_sum
         self.m = m
 
 
@@ -104,64 +109,87 @@ class _Softmax:
 class _Stats:
     """What the forward keeps for the backward. Shapes (N,) unless noted."""
 
-    index: Tensor  # argmax_k l, int64
+    index: Tensor  # k* = argmax_k l, int64
     max_logit: Tensor  # m = max_k l
     lse: Tensor  # log sum_k exp(l)
     soft: Tensor  # (N, D) y = p E
-    log_s: Tensor | None = None  # log sum_k exp((l - m) / T): log q = (l - m) / T - log_s
+    log_q_sum: Tensor | None = None  # log sum_k exp((l - m) / T): log q = (l - m) / T - log_q_sum
     sample_entropy: Tensor | None = None  # H(q_n)
     q_dot_c: Tensor | None = None  # <q_n, c>
-    c: Tensor | None = None  # (K,) dH(mean q) / d(mean q)
+    c: Tensor | None = None  # (K,) c_k = dH(mean q) / d(mean q)_k
     near: list[Tensor] | None = None  # (token, code, logit) of the entries within the window of the max
-
-
-def _buffers(workers: int, *sizes: int, like: Tensor) -> list[list[Tensor]]:
-    """Flat scratch buffers for each worker, allocated here (the calling thread: see run_workers)."""
-    return [[torch.empty(n, dtype=like.dtype, device=like.device) for n in sizes] for _ in range(workers)]
-
-
-def _view(buffer: Tensor, rows: int, cols: int) -> Tensor:
-    return buffer[: rows * cols].view(rows, cols)
 
 
 def _chunk_softmax(logits: Tensor, m: Tensor, index: Tensor, e_blk: Tensor, temperature: float, entropy: bool,
                    p_buffer: Tensor, y_buffer: Tensor) -> _Softmax:
-    """The state of one chunk from its logits (N, c), their row max m and index (valid where needed); the
+    """The state of one chunk from its logits (N, width), their row max m and index (valid where needed); the
     logits are used as scratch, p and y live in the given buffers."""
-    p = torch._softmax(logits, 1, False, out=_view(p_buffer, *logits.shape))  # normalised in the chunk: one pass
-    s = 1.0 / p.amax(dim=1)  # p at the chunk's max is exp(0) / s
-    y = torch.mm(p, e_blk, out=_view(y_buffer, p.shape[0], e_blk.shape[1])).mul_(s[:, None])  # sum exp(l - m) e
-    s_q = w = None
+    p = torch.softmax(logits, 1, out=buffer_view(p_buffer, *logits.shape))  # normalised in the chunk: one pass
+    p_sum = 1.0 / p.amax(dim=1)  # p at the chunk's max is exp(0) / p_sum
+    y = torch.mm(p, e_blk, out=buffer_view(y_buffer, p.shape[0], e_blk.shape[1])).mul_(p_sum[:, None])
+    q_sum = qa_sum = None
     if entropy:
         a = logits.sub_(m[:, None]).div_(temperature).clamp_(min=EXP_FLOOR[logits.dtype])  # (l - m) / T <= 0
         q = torch.exp(a, out=p)  # unnormalised q, in p's buffer
-        s_q, w = q.sum(dim=1), q.mul_(a).sum(dim=1)
-    return _Softmax(m, index, s, y, s_q, w)
+        q_sum, qa_sum = q.sum(dim=1), q.mul_(a).sum(dim=1)
+    return _Softmax(m, index, p_sum, y, q_sum, qa_sum)
 
 
+def _codebook_entropy_terms(avg: Tensor) -> tuple[Tensor, Tensor]:
+    """For v = mean_n q over some codes: their part of H(v) = -sum v log(v + eps), and c = dH / dv."""
+    log_avg = (avg + CODEBOOK_ENTROPY_EPS).log()
+    return -(avg * log_avg).sum(), -(log_avg + avg / (avg + CODEBOOK_ENTROPY_EPS))
+
+
+def _log_q(logits: Tensor, stats: _Stats, temperature: float) -> Tensor:
+    """In place: l -> log q = (l - m) / T - log q_sum, floored at EXP_FLOOR."""
+    log_q = logits.sub_(stats.max_logit[:, None]).div_(temperature).sub_(stats.log_q_sum[:, None])
+    return log_q.clamp_(min=EXP_FLOOR[logits.dtype])
+
+
+def _chunk_logit_grad(logits: Tensor, g: Tensor, k0: int, stats: _Stats, p_dot_g: Tensor, temperature: float,
+                      entropy_scales: tuple[Tensor, Tensor, Tensor] | None, log_q_buffer: Tensor) -> Tensor:
+    """In place: g (N, width), the chunk's G e_k^T, becomes dL/dl for the chunk's codes k0, k0 + 1, ...:
+        dl = p (g - <p, g>) - alpha q (log q + H(q_n)) + beta q (c - <q_n, c>)
+    entropy_scales: (alpha, beta, row) with row = -alpha H(q_n) - beta <q_n, c> (N,), or None without the penalty.
+    The logits (N, width) are used as scratch."""
+    width = logits.shape[1]
+    if entropy_scales is not None:
+        log_q = _log_q(buffer_view(log_q_buffer, *logits.shape).copy_(logits), stats, temperature)  # (N, width)
+    p = logits.sub_(stats.lse[:, None]).clamp_(min=EXP_FLOOR[logits.dtype]).exp_()  # (N, width)
+    g.sub_(p_dot_g[:, None]).mul_(p)  # p (g - <p, g>)
+    if entropy_scales is not None:
+        alpha, beta, row = entropy_scales
+        q = p.copy_(log_q).exp_()  # p is no longer needed: its buffer takes q
+        # -alpha q (log q + H) + beta q (c - <q, c>) = q (-alpha log q + beta c + row)
+        g.addcmul_(q, log_q.mul_(-alpha).add_(beta * stats.c[k0:k0 + width]).add_(row[:, None]))
+    return g
+
+
+# -- the passes over the chunks ---------------------------------------------------------------------------------------
 def _first_pass(z: Tensor, codebook: Tensor, temperature: float, chunk: int, entropy: bool) -> _Stats:
     """Online softmax over code chunks: argmax, log-sum-exp, y = p E and (entropy) H(q_n)."""
     N, K, D = z.shape[0], codebook.shape[0], z.shape[1]
     n_chunks = -(-K // chunk)
     workers = worker_count(n_chunks, z.device)
-    buffers = _buffers(workers, N * chunk, N * chunk, N * chunk, N * D, N * D, like=z)
+    buffers = worker_buffers(workers, N * chunk, N * chunk, N * chunk, N * D, N * D, like=z)
     masks = [torch.empty(N * chunk, dtype=torch.bool, device=z.device) for _ in range(workers)]
     window = -EXP_FLOOR[z.dtype] * temperature  # codes with l < max - window have q < exp(EXP_FLOOR)
     # On CUDA the second pass is cheap and collecting entries would synchronise once per chunk.
     collect = entropy and z.device.type == "cpu"
 
-    def work(chunks: Iterable[int], w: int) -> tuple[_Softmax, list[tuple[Tensor, Tensor, Tensor]] | None]:
-        logits_buffer, p_buffer, spare, y_buffer, y_state = buffers[w]
+    def work(chunks: Iterable[int], worker: int) -> tuple[_Softmax, list[tuple[Tensor, Tensor, Tensor]] | None]:
+        logits_buffer, p_buffer, spare, y_buffer, y_state = buffers[worker]
         state, near, kept = None, ([] if collect else None), 0
         for i in chunks:
             k0 = i * chunk
-            e_blk = codebook[k0:k0 + chunk]  # (c, D)
-            logits = torch.mm(z, e_blk.T, out=_view(logits_buffer, N, e_blk.shape[0]))  # (N, c)
+            e_blk = codebook[k0:k0 + chunk]  # (width, D)
+            logits = torch.mm(z, e_blk.T, out=buffer_view(logits_buffer, N, e_blk.shape[0]))  # (N, width)
             m = logits.amax(dim=1)  # (N,) values only: the index is looked up where it matters
             index = _argmax_where(logits, m, state, k0, spare)
             if near is not None:  # every (n, k) that can still carry q mass, against this worker's running max
                 running = m if state is None else torch.maximum(state.m, m)
-                near.append(_near_max(logits, running - window, k0, masks[w]))
+                near.append(_near_max(logits, running - window, k0, masks[worker]))
                 kept += len(near[-1][0])
                 if kept > NEAR_PER_TOKEN * N:
                     near = None  # q is too flat for the shortcut: the second pass will recompute it
@@ -177,10 +205,11 @@ def _first_pass(z: Tensor, codebook: Tensor, temperature: float, chunk: int, ent
     for other, other_near in others:
         state.absorb(other, temperature, ties_to_lower=True)
         near = near + other_near if near is not None and other_near is not None else None
-    stats = _Stats(index=state.index, max_logit=state.m, lse=state.m + state.s.log(), soft=state.y / state.s[:, None])
+    stats = _Stats(index=state.index, max_logit=state.m, lse=state.m + state.p_sum.log(),
+                   soft=state.y / state.p_sum[:, None])
     if entropy:
-        stats.log_s = state.s_q.log()
-        stats.sample_entropy = stats.log_s - state.w / state.s_q  # H = log s - w / s
+        stats.log_q_sum = state.q_sum.log()
+        stats.sample_entropy = stats.log_q_sum - state.qa_sum / state.q_sum  # H = log q_sum - qa_sum / q_sum
         stats.near = [torch.cat(parts) for parts in zip(*near)] if near is not None else None
     return stats
 
@@ -188,19 +217,20 @@ def _first_pass(z: Tensor, codebook: Tensor, temperature: float, chunk: int, ent
 def _argmax_where(logits: Tensor, chunk_max: Tensor, state: _Softmax | None, k0: int, spare: Tensor) -> Tensor:
     """The chunk's argmax + k0 for every token on a worker's first chunk (and always on CUDA, where looking up
     rows would synchronise), else only where the chunk's max beats the running one (elsewhere the index is never
-    taken; -1 marks it): argmax with indices costs ~15x amax on CPU. Rows are copied into `spare` to search them."""
+    taken; -1 marks it): on CPU argmax with indices costs much more than the amax already computed. Rows are
+    copied into `spare` to search them."""
     if state is None or logits.device.type != "cpu":
         return logits.argmax(dim=1) + k0  # first index on ties
     index = torch.full_like(state.index, -1)
     rows = (chunk_max > state.m).nonzero().squeeze(1)
     if rows.numel():
-        sub = torch.index_select(logits, 0, rows, out=_view(spare, rows.numel(), logits.shape[1]))
+        sub = torch.index_select(logits, 0, rows, out=buffer_view(spare, rows.numel(), logits.shape[1]))
         index[rows] = sub.argmax(dim=1) + k0
     return index
 
 
 def _near_max(logits: Tensor, threshold: Tensor, k0: int, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(token, code, logit) of every entry of logits (N, c) at or above its row's threshold (N,)."""
+    """(token, code, logit) of every entry of logits (N, width) at or above its row's threshold (N,)."""
     token, code = torch.ge(logits, threshold[:, None], out=mask[: logits.numel()].view(logits.shape)).nonzero(
         as_tuple=True)
     return token, code + k0, logits[token, code]
@@ -211,7 +241,8 @@ def _codebook_entropy_from_near(stats: _Stats, K: int, temperature: float) -> Te
     token, code, logit = stats.near
     keep = logit >= stats.max_logit[token] + EXP_FLOOR[logit.dtype] * temperature  # against the final max
     token, code, logit = token[keep], code[keep], logit[keep]
-    log_q = ((logit - stats.max_logit[token]) / temperature - stats.log_s[token]).clamp_(min=EXP_FLOOR[logit.dtype])
+    log_q = ((logit - stats.max_logit[token]) / temperature - stats.log_q_sum[token]).clamp_(
+        min=EXP_FLOOR[logit.dtype])
     q = log_q.exp()
     N = stats.max_logit.shape[0]
     avg = torch.zeros(K, dtype=q.dtype, device=q.device).index_add_(0, code, q) / N  # (K,) mean_n q
@@ -221,38 +252,26 @@ def _codebook_entropy_from_near(stats: _Stats, K: int, temperature: float) -> Te
     return codebook_entropy
 
 
-def _codebook_entropy_terms(avg: Tensor) -> tuple[Tensor, Tensor]:
-    """For mean q over some codes: their part of H(mean q) = -sum avg log(avg + eps), and c = dH / d avg."""
-    log_avg = (avg + CODEBOOK_ENTROPY_EPS).log()
-    return -(avg * log_avg).sum(), -(log_avg + avg / (avg + CODEBOOK_ENTROPY_EPS))
-
-
-def _log_q(logits: Tensor, stats: _Stats, temperature: float) -> Tensor:
-    """In place: l -> log q = (l - m) / T - log s, floored at EXP_FLOOR."""
-    log_q = logits.sub_(stats.max_logit[:, None]).div_(temperature).sub_(stats.log_s[:, None])
-    return log_q.clamp_(min=EXP_FLOOR[logits.dtype])
-
-
 def _second_pass(z: Tensor, codebook: Tensor, stats: _Stats, temperature: float, chunk: int) -> Tensor:
     """mean_n q per chunk (exact: a chunk holds every token), H(mean q), c and <q_n, c>. Returns H(mean q)."""
     N, K = z.shape[0], codebook.shape[0]
     n_chunks = -(-K // chunk)
-    buffers = _buffers(worker_count(n_chunks, z.device), N * chunk, N * chunk, like=z)
+    buffers = worker_buffers(worker_count(n_chunks, z.device), N * chunk, N * chunk, like=z)
     stats.c = torch.empty(K, dtype=z.dtype, device=z.device)
 
-    def work(chunks: Iterable[int], w: int) -> tuple[Tensor, Tensor]:
-        logits_buffer, q_buffer = buffers[w]
+    def work(chunks: Iterable[int], worker: int) -> tuple[Tensor, Tensor]:
+        logits_buffer, q_buffer = buffers[worker]
         entropy = torch.zeros((), dtype=z.dtype, device=z.device)
         q_dot_c = torch.zeros(N, dtype=z.dtype, device=z.device)
         for i in chunks:
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]
-            c = e_blk.shape[0]
-            logits = torch.mm(z, e_blk.T, out=_view(logits_buffer, N, c))
-            q = torch.exp(_log_q(logits, stats, temperature), out=_view(q_buffer, N, c))  # (N, c)
-            part, c_blk = _codebook_entropy_terms(q.sum(dim=0) / N)  # from mean_n q (c,)
+            width = e_blk.shape[0]
+            logits = torch.mm(z, e_blk.T, out=buffer_view(logits_buffer, N, width))
+            q = torch.exp(_log_q(logits, stats, temperature), out=buffer_view(q_buffer, N, width))  # (N, width)
+            part, c_blk = _codebook_entropy_terms(q.sum(dim=0) / N)  # from mean_n q (width,)
             entropy += part
-            stats.c[k0:k0 + c] = c_blk
+            stats.c[k0:k0 + width] = c_blk
             q_dot_c.addmv_(q, c_blk)
         return entropy, q_dot_c
 
@@ -271,33 +290,26 @@ def _backward(
     entropy = alpha is not None
     z_and_grad = torch.cat([z, grad_zq])  # (2N, D): l and g from one matmul
     p_dot_g = (grad_zq * stats.soft).sum(dim=1)  # (N,) <p, g> = G . (p E)
-    row = -alpha * stats.sample_entropy - beta * stats.q_dot_c if entropy else None  # (N,) per-token entropy part
+    # (N,) the per-token part of the entropy terms: -alpha H(q_n) - beta <q_n, c>
+    entropy_scales = (alpha, beta, -alpha * stats.sample_entropy - beta * stats.q_dot_c) if entropy else None
     de = torch.empty_like(codebook) if need_de else None
     n_chunks = -(-K // chunk)
     workers = worker_count(n_chunks, z.device)
-    buffers = _buffers(workers, 2 * N * chunk, N * chunk if entropy else 0, like=z)
+    buffers = worker_buffers(workers, 2 * N * chunk, N * chunk if entropy else 0, like=z)
     dz = torch.zeros(workers, *z.shape, dtype=z.dtype, device=z.device) if need_dz else None  # one per worker
 
-    def work(chunks: Iterable[int], w: int) -> None:
-        both_buffer, log_q_buffer = buffers[w]
+    def work(chunks: Iterable[int], worker: int) -> None:
+        both_buffer, log_q_buffer = buffers[worker]
         for i in chunks:
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]
-            c = e_blk.shape[0]
-            both = torch.mm(z_and_grad, e_blk.T, out=_view(both_buffer, 2 * N, c))
-            logits, dl = both[:N], both[N:]  # l (N, c) and g (N, c)
-            if entropy:
-                log_q = _log_q(_view(log_q_buffer, N, c).copy_(logits), stats, temperature)  # (N, c)
-            p = logits.sub_(stats.lse[:, None]).clamp_(min=EXP_FLOOR[z.dtype]).exp_()  # (N, c)
-            dl.sub_(p_dot_g[:, None]).mul_(p)  # p (g - <p, g>)
-            if entropy:
-                q = p.copy_(log_q).exp_()  # p is no longer needed: its buffer takes q
-                # -alpha q (log q + H) + beta q (c - <q, c>) = q (-alpha log q + beta c + row)
-                dl.addcmul_(q, log_q.mul_(-alpha).add_(beta * stats.c[k0:k0 + c]).add_(row[:, None]))
+            width = e_blk.shape[0]
+            both = torch.mm(z_and_grad, e_blk.T, out=buffer_view(both_buffer, 2 * N, width))
+            dl = _chunk_logit_grad(both[:N], both[N:], k0, stats, p_dot_g, temperature, entropy_scales, log_q_buffer)
             if need_dz:
-                dz[w].addmm_(dl, e_blk)  # (N, D)
+                dz[worker].addmm_(dl, e_blk)  # (N, D)
             if need_de:
-                torch.mm(dl.T, z, out=de[k0:k0 + c])  # (c, D)
+                torch.mm(dl.T, z, out=de[k0:k0 + width])  # (width, D)
 
     run_workers(work, n_chunks, z.device)
     if need_de:

@@ -1,0 +1,234 @@
+"""The one registry of kernel backends: which implementation computes each operation, and how to force one.
+
+Operations, each on tokens z (N, D) and a codebook (K, D):
+- "nearest_code":      argmin_k ||z_n - e_k||^2 -> (indices (N,) int64, squared distances (N,)), no gradient.
+                       Options: frozen_key (see kernels/kdtree.py), token_chunk, code_chunk.
+- "max_inner_product": argmax_k z_n . e_k -> (indices (N,) int64, values (N,)), no gradient.
+                       Options: token_chunk, code_chunk.
+- "ibq_step":          the differentiable IBQ step (kernels/ibq.py) -> IBQResult.
+                       Options: temperature, entropy (False: the entropies may come back NaN), code_chunk.
+Every backend of an operation returns the same indices as its dense reference (ties go to the first index; on
+near-ties fp32 rounding may pick another code, equally close to rounding) and the same values and gradients to
+rounding.
+
+BACKENDS lists, per operation, its backends in the order the automatic choice tries them. A `Backend` holds
+- fn(z, codebook, **options): the implementation;
+- applies(z, codebook, **options) -> bool: it can compute these inputs (device, dtype, the context it needs);
+- worthwhile(z, codebook, **options) -> bool: where it applies, whether the automatic choice takes it (the size
+  thresholds below which the next backend is faster);
+- requires: what `applies` checks, in words, for error messages.
+The automatic choice is the first backend that applies and is worthwhile. The last one is always "dense", the torch
+reference with (N, K) tensors: it always applies. Adding a backend (e.g. Triton) is one `Backend(...)` entry, placed
+where the automatic choice should try it.
+
+Forcing a backend, for tests and benchmarks: `with use("nearest_code", "chunked"): ...` (a context variable: it
+holds in this thread / asyncio task until the block exits, nested blocks restore the outer choice). A call's
+`backend=` argument forces one for that call the same way (IBQuantizer passes its `kernel=` option there); a `use`
+block overrides it, so a benchmark can pin a quantizer built with kernel="chunked" to the dense reference.
+"auto" means the automatic choice (in `use`, it lifts an outer block's forcing). Forcing skips `worthwhile` only:
+a forced backend that does not apply raises ValueError naming the operation, the backend, the inputs and what it
+requires; an unknown name raises ValueError listing the registered ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from . import numba_search
+from .chunked_ibq import ibq_chunked
+from .chunking import search_chunks
+from .ibq import IBQResult, ibq_dense
+from .kdtree import nearest_code_kdtree
+from .search import (
+    check_search_inputs, max_inner_product_chunked, max_inner_product_dense, nearest_code_chunked, nearest_code_dense,
+    search_dtype,
+)
+
+AUTO = "auto"
+# Where each backend pays (the `worthwhile` predicates below).
+KDTREE_MAX_DIM = 16  # above this a k-d tree visits most leaves and the brute-force loops win
+KDTREE_MIN_CODES = 4096  # below this building a tree costs more than scanning the codes
+FUSED_MAX_DIM = 32  # above this the fused loop loses to a blocked matmul
+IBQ_DENSE_MAX_ELEMENTS = 64 * 1024  # ibq_step stays dense while N x K is at most this: fewer passes win there
+
+
+def always(z: Tensor, codebook: Tensor, **options: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable[..., Any]
+    applies: Callable[..., bool] = always
+    worthwhile: Callable[..., bool] = always
+    requires: str = "nothing: it always applies"
+
+
+# -- predicates -------------------------------------------------------------------------------------------------------
+def _on_cpu(z: Tensor, codebook: Tensor) -> bool:
+    return z.device.type == "cpu" and codebook.device.type == "cpu"
+
+
+def _kdtree_applies(z: Tensor, codebook: Tensor, frozen_key: Any = None, **_: Any) -> bool:
+    return (frozen_key is not None and _on_cpu(z, codebook)
+            and z.dtype.is_floating_point and codebook.dtype.is_floating_point)
+
+
+def _kdtree_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
+    return codebook.shape[1] <= KDTREE_MAX_DIM and codebook.shape[0] >= KDTREE_MIN_CODES
+
+
+def _fused_applies(z: Tensor, codebook: Tensor, **_: Any) -> bool:
+    # Read at call time, so that an install without numba (or a test that hides it) falls through to "chunked".
+    return numba_search.numba is not None and _on_cpu(z, codebook) and search_dtype(z, codebook) == torch.float32
+
+
+def _fused_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
+    return codebook.shape[1] <= FUSED_MAX_DIM
+
+
+def _ibq_chunked_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
+    return z.shape[0] * codebook.shape[0] > IBQ_DENSE_MAX_ELEMENTS
+
+
+# -- the registry -----------------------------------------------------------------------------------------------------
+BACKENDS: dict[str, tuple[Backend, ...]] = {
+    "nearest_code": (
+        Backend("kdtree", lambda z, codebook, frozen_key=None, **_: nearest_code_kdtree(z, codebook, frozen_key),
+                _kdtree_applies, _kdtree_worthwhile,
+                "a frozen_key (a codebook that stays fixed between calls) and float tensors on the CPU"),
+        Backend("fused", lambda z, codebook, **_: numba_search.nearest_code_fused(z, codebook),
+                _fused_applies, _fused_worthwhile, "numba, tensors on the CPU and no float64 input"),
+        Backend("chunked", lambda z, codebook, token_chunk=None, code_chunk=None, **_: nearest_code_chunked(
+            z, codebook, token_chunk, code_chunk)),
+        Backend("dense", lambda z, codebook, **_: nearest_code_dense(z, codebook)),
+    ),
+    "max_inner_product": (
+        Backend("fused", lambda z, codebook, **_: numba_search.max_inner_product_fused(z, codebook),
+                _fused_applies, _fused_worthwhile, "numba, tensors on the CPU and no float64 input"),
+        Backend("chunked", lambda z, codebook, token_chunk=None, code_chunk=None, **_: max_inner_product_chunked(
+            z, codebook, token_chunk, code_chunk)),
+        Backend("dense", lambda z, codebook, **_: max_inner_product_dense(z, codebook)),
+    ),
+    "ibq_step": (
+        Backend("chunked", lambda z, codebook, temperature=0.01, entropy=True, code_chunk=None, **_: ibq_chunked(
+            z, codebook, temperature, entropy=entropy, code_chunk=code_chunk), worthwhile=_ibq_chunked_worthwhile),
+        Backend("dense", lambda z, codebook, temperature=0.01, **_: ibq_dense(z, codebook, temperature)),
+    ),
+}
+OPS = tuple(BACKENDS)
+
+
+# -- forcing ----------------------------------------------------------------------------------------------------------
+_forced: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "vqtok_kernel_backends", default=MappingProxyType({}))
+
+
+def backends(op: str) -> tuple[str, ...]:
+    """The backend names of an operation, in the order the automatic choice tries them."""
+    return tuple(backend.name for backend in _table(op))
+
+
+def check_backend(op: str, name: str) -> None:
+    """Raise ValueError unless `name` is "auto" or a backend registered for `op`."""
+    if name != AUTO and name not in backends(op):
+        choices = ", ".join(repr(n) for n in (AUTO, *backends(op)))
+        raise ValueError(f"unknown {op} backend {name!r}; choose one of {choices}")
+
+
+@contextlib.contextmanager
+def use(op: str, backend: str) -> Iterator[None]:
+    """Within the block, every `op` call uses `backend` ("auto": the automatic choice), whatever a call asks for."""
+    check_backend(op, backend)
+    token = _forced.set(MappingProxyType({**_forced.get(), op: backend}))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+# -- choosing and calling ---------------------------------------------------------------------------------------------
+def choose(op: str, z: Tensor, codebook: Tensor, *, backend: str | None = None, **options: Any) -> str:
+    """The name of the backend that `op` on these inputs uses (see the module docstring for the rules)."""
+    _validate(op, z, codebook, options)
+    return _resolve(op, z, codebook, backend, options).name
+
+
+def dispatch(op: str, z: Tensor, codebook: Tensor, *, backend: str | None = None, **options: Any) -> Any:
+    """Compute `op` on these inputs with the backend `choose` names."""
+    _validate(op, z, codebook, options)
+    return _resolve(op, z, codebook, backend, options).fn(z, codebook, **options)
+
+
+def nearest_code(z: Tensor, codebook: Tensor, *, frozen_key: Any = None, token_chunk: int | None = None,
+                 code_chunk: int | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """z (N, D), codebook (K, D) -> (indices (N,) int64, squared distances (N,)) of argmin_k ||z_n - e_k||^2.
+
+    frozen_key: pass one only when the codebook stays fixed between calls (evaluation): equal keys promise equal
+    codebooks, which lets the k-d tree be built once (kernels/kdtree.py). token_chunk, code_chunk: block sizes of
+    the chunked backend (default: from the shapes)."""
+    return dispatch("nearest_code", z, codebook, backend=backend, frozen_key=frozen_key, token_chunk=token_chunk,
+                    code_chunk=code_chunk)
+
+
+def max_inner_product(z: Tensor, codebook: Tensor, *, token_chunk: int | None = None, code_chunk: int | None = None,
+                      backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """z (N, D), codebook (K, D) -> (indices (N,) int64, values (N,)) of argmax_k z_n . e_k."""
+    return dispatch("max_inner_product", z, codebook, backend=backend, token_chunk=token_chunk, code_chunk=code_chunk)
+
+
+def ibq_step(z: Tensor, codebook: Tensor, *, temperature: float = 0.01, entropy: bool = True,
+             code_chunk: int | None = None, backend: str | None = None) -> IBQResult:
+    """The differentiable IBQ step (kernels/ibq.py) on z (N, D) and codebook (K, D). entropy=False: the caller
+    never reads the entropies (a backend may skip them and return NaN)."""
+    return dispatch("ibq_step", z, codebook, backend=backend, temperature=temperature, entropy=entropy,
+                    code_chunk=code_chunk)
+
+
+def _table(op: str) -> tuple[Backend, ...]:
+    if op not in BACKENDS:
+        raise ValueError(f"unknown kernel operation {op!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    return BACKENDS[op]
+
+
+def _validate(op: str, z: Tensor, codebook: Tensor, options: dict[str, Any]) -> None:
+    """Refuse bad inputs before any predicate looks at them, whichever backend would run."""
+    _table(op)
+    if op in ("nearest_code", "max_inner_product"):
+        check_search_inputs(z, codebook)
+        search_chunks(z.shape[0], codebook.shape[0], options.get("token_chunk"), options.get("code_chunk"))
+    elif z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
+
+
+def _resolve(op: str, z: Tensor, codebook: Tensor, backend: str | None, options: dict[str, Any]) -> Backend:
+    forced = _forced.get().get(op, AUTO)
+    name = forced if forced != AUTO else (backend or AUTO)
+    if name == AUTO:
+        for candidate in _table(op):
+            if candidate.applies(z, codebook, **options) and candidate.worthwhile(z, codebook, **options):
+                return candidate
+        raise RuntimeError(f"no {op} backend applies to {_describe(z, codebook, options)}: the registry must end "
+                           "with one that always applies")
+    check_backend(op, name)
+    chosen = next(candidate for candidate in _table(op) if candidate.name == name)
+    if not chosen.applies(z, codebook, **options):
+        raise ValueError(f"{op} backend {name!r} was forced but does not apply to {_describe(z, codebook, options)}: "
+                         f"it requires {chosen.requires}")
+    return chosen
+
+
+def _describe(z: Tensor, codebook: Tensor, options: dict[str, Any]) -> str:
+    tensors = (f"z {str(z.dtype).removeprefix('torch.')} {tuple(z.shape)} on {z.device}, codebook "
+               f"{str(codebook.dtype).removeprefix('torch.')} {tuple(codebook.shape)} on {codebook.device}")
+    if "frozen_key" in options:
+        tensors += ", with a frozen_key" if options["frozen_key"] is not None else ", without a frozen_key"
+    return tensors
