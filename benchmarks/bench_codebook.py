@@ -1,4 +1,4 @@
-"""End-to-end codebook build and held-out quality (issue 5 targets).
+"""End-to-end codebook build and held-out quality.
 
     python benchmarks/bench_codebook.py --size 100000 --threads 1 --out /tmp/bench   # photos, efficientnet-lite0
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtok.codebook import FeatureShards, assign, build_encoder, extract_features, read_codebook_file
+from vqtok.backbones import build_encoder
+from vqtok.codebook import FeatureShards, assign, extract_features, read_codebook_file
 from vqtok.codebook.build import build_codebook, cpu_threads
 from vqtok.data import build_dataset
 

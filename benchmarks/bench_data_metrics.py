@@ -1,4 +1,4 @@
-"""Numbers for issue 4: photo crops per second, Inception images per second, and the rFID / rKID of the photos
+"""Data and metrics throughput: photo crops per second, Inception images per second, and the rFID / rKID of the photos
 validation crops against themselves after a JPEG round trip (a sanity figure for the evaluation protocol).
 
     .venv/bin/python benchmarks/bench_data_metrics.py [--crops 2000] [--quality 75] [--val-length 512]
@@ -14,9 +14,10 @@ import time
 import torch
 from PIL import Image
 
+from vqtok.backbones import InceptionFeatures
 from vqtok.data import build_dataset
 from vqtok.data.images import to_tensor
-from vqtok.metrics import InceptionFeatures, fid_from_features, kid, psnr, ssim
+from vqtok.metrics import fid_from_features, kid, psnr, ssim
 from vqtok.metrics.harness import KID_SUBSETS, kid_subset_size
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import vqtok
-from vqtok.codebook import (FeatureEncoder, FeatureShards, assign, extract_features, read_codebook_file, pool_to_grid,
-                            save_codebook)
+from vqtok.backbones import FeatureEncoder
+from vqtok.codebook import FeatureShards, assign, extract_features, pool_to_grid, read_codebook_file, save_codebook
 from vqtok.codebook.build import build_codebook
 from vqtok.codebook.command import add_subcommand
 
@@ -60,6 +60,38 @@ def test_extract_features_writes_pooled_rows_and_labels(tmp_path) -> None:
     expected = F.adaptive_avg_pool2d(data.images, 2).permute(0, 2, 3, 1).reshape(40, 3)  # cells of 4x4 pixels
     np.testing.assert_allclose(features, expected.numpy(), atol=1e-6)
     assert labels.tolist() == [i % 3 for i in range(10) for _ in range(4)]
+
+
+class ScaledPixelEncoder(PixelEncoder):
+    """PixelEncoder times a trainable scale: with autograd on, its output would need a gradient. Records, per
+    batch, whether the output requires grad and whether autograd was recording."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.seen: list[tuple[bool, bool]] = []
+
+    def encode(self, x: Tensor) -> Tensor:
+        out = super().encode(x) * self.scale
+        self.seen.append((out.requires_grad, torch.is_grad_enabled()))
+        return out
+
+
+class GradImages(TensorImages):
+    """TensorImages whose images require grad, as if they came out of a differentiable pipeline."""
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i].clone().requires_grad_(True), i % 3
+
+
+def test_extraction_runs_the_encoder_without_autograd(tmp_path) -> None:
+    data, encoder = GradImages(6), ScaledPixelEncoder()
+    assert encoder(data[0][0][None]).requires_grad  # outside extraction, forward keeps autograd
+    encoder.seen.clear()
+    shards = extract_features(encoder, data, grid=2, batch_size=4, out_dir=tmp_path, progress=False)
+    assert encoder.seen == [(False, False), (False, False)]  # two batches, no graph recorded for either
+    expected = F.adaptive_avg_pool2d(data.images, 2).permute(0, 2, 3, 1).reshape(24, 3)
+    np.testing.assert_allclose(shards.load()[0], expected.numpy(), atol=1e-6)
 
 
 def test_ranks_split_the_shards_and_together_equal_one_process(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""The encoders behind `vqtok.codebook.build_encoder`: packaged ImageNet weights load strictly and behave like
+"""The encoders behind `vqtok.backbones.build_encoder`: packaged ImageNet weights load strictly and behave like
 ImageNet networks; a tiny random CLIP extracts patch features from local files without the network."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqtok.codebook import ENCODERS, build_encoder
-from vqtok.codebook.efficientnet_lite import load_efficientnet_lite0
-from vqtok.codebook.mobilenetv2 import MobileNetV2, load_mobilenetv2, mobilenetv2_weights_path
+from vqtok.backbones import ENCODERS, build_encoder
+from vqtok.backbones.efficientnet_lite import load_efficientnet_lite0
+from vqtok.backbones.mobilenetv2 import MobileNetV2, load_mobilenetv2, mobilenetv2_weights_path
 from vqtok.data import list_photos
 from vqtok.data.images import open_rgb
 
@@ -150,7 +150,7 @@ def test_tiny_clip_extracts_projected_patch_tokens_without_network(tmp_path, mon
     images = torch.rand(2, 3, 48, 40)  # resized to the config's 32 px -> 4 x 4 patches
     features = encoder(images)
     assert features.shape == (2, 24, 4, 4) and encoder.feature_dim == 24
-    # reference: OpenAI CLIP's ln_post + proj on every patch token (METHODS.md section 2)
+    # reference: OpenAI CLIP's ln_post + proj on every patch token (CLS dropped), the features VQGAN-LC clusters
     x = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True)
     with torch.no_grad():
         tokens = model.vision_model(pixel_values=(x - encoder.mean) / encoder.std).last_hidden_state[:, 1:]

@@ -26,7 +26,7 @@ from vqtok.metrics import (
     ssim,
 )
 from vqtok.metrics import lpips as lpips_module
-from vqtok.metrics.inception import INPUT_RANGE, inception_input, resize_tf_bilinear
+from vqtok.backbones.inception import INPUT_RANGE, inception_input, resize_tf_bilinear
 
 
 def image_pairs() -> tuple[torch.Tensor, torch.Tensor]:

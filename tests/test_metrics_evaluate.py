@@ -12,7 +12,8 @@ from torch import nn
 
 from vqtok import CodeUsage
 from vqtok.data import build_dataset
-from vqtok.metrics import evaluate, file_sha256, format_table, psnr, ssim
+from vqtok.backbones import file_sha256
+from vqtok.metrics import evaluate, format_table, psnr, ssim
 from vqtok.metrics import harness
 from vqtok.metrics import lpips as lpips_module
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vqtok.backbones import VGG16_CHANNELS, FeatureEncoder, build_encoder
 from vqtok.models.perceptual import (
     LPIPS,
-    VGG16_CHANNELS,
+    EncoderNetwork,
     FeatureMatchingLoss,
-    GradientEncoder,
     build_perceptual_loss,
     find_lpips_weights,
     stage_outputs,
+    unit_normalize,
 )
 
 
@@ -120,7 +122,7 @@ def test_feature_matching_value_by_hand():
 
 
 class InferenceOnly(nn.Module):
-    """Like vqtok.codebook's FeatureEncoder: forward runs under torch.inference_mode()."""
+    """A network whose forward runs under torch.inference_mode(): its features carry no gradient."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,15 +133,61 @@ class InferenceOnly(nn.Module):
         return self.net(x)
 
 
-def test_gradient_encoder_runs_an_inference_mode_encoder_with_autograd():
+class SmallEncoder(FeatureEncoder):
+    """small_net as a vqtok.backbones FeatureEncoder (identity normalisation)."""
+
+    def __init__(self) -> None:
+        super().__init__("small", "5", 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None, 16)
+        self.net = small_net().requires_grad_(False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_feature_encoders_backpropagate_and_inference_mode_networks_are_refused():
     with pytest.raises(RuntimeError, match="without gradient"):
         FeatureMatchingLoss(InferenceOnly()).distance(torch.rand(1, 3, 16, 16, requires_grad=True),
                                                       torch.rand(1, 3, 16, 16))
-    loss = FeatureMatchingLoss(GradientEncoder(InferenceOnly()))
+    loss = FeatureMatchingLoss(EncoderNetwork(SmallEncoder()))
     assert loss.layers == ["encoder.net.1", "encoder.net.3", "encoder.net.5"]
     x = torch.rand(1, 3, 16, 16, requires_grad=True)
     loss(x, torch.rand(1, 3, 16, 16)).backward()
     assert float(x.grad.abs().sum()) > 0.0
+
+
+def test_fallback_value_and_gradient_equal_the_network_layers_run_by_hand(tmp_path, monkeypatch):
+    """The fallback's loss and its gradient with respect to the reconstruction equal efficientnet-lite0's layers
+    called one by one: (x - mean) / std in channels_last, stem, blocks 0..15, the five tapped block outputs
+    unit-normalised over channels, squared differences summed over channels, averaged over space, layers, batch."""
+    monkeypatch.setenv("VQTOK_LPIPS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    loss = build_perceptual_loss(encoder="efficientnet-lite0")
+    tapped = (0, 2, 4, 10, 15)
+    assert loss.layers == [f"encoder.net._blocks.{i}" for i in tapped]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, generator=g, requires_grad=True)
+    y = torch.rand(2, 3, 64, 64, generator=g)
+    value = loss(x, y)
+    value.backward()
+
+    reference = build_encoder("efficientnet-lite0")  # the same weights, not hooked by the loss
+    net, x_ref = reference.net, x.detach().clone().requires_grad_(True)
+    h = ((torch.cat([x_ref, y]) - reference.mean) / reference.std).contiguous(memory_format=torch.channels_last)
+    h = F.relu6(net._bn0(net._conv_stem(h)))
+    taps = []
+    for i, block in enumerate(net._blocks[: tapped[-1] + 1]):
+        h = block(h)
+        if i in tapped:
+            taps.append(h)
+    total = torch.zeros(2)
+    for features in taps:  # after the forward pass, as the loss does: the same order of gradient accumulation
+        a, b = unit_normalize(features.float()).chunk(2)
+        total = total + (a - b).pow(2).sum(dim=1).mean(dim=(1, 2))
+    expected = (total / len(tapped)).mean()
+    expected.backward()
+    assert torch.equal(value.detach(), expected.detach())
+    assert float(x.grad.abs().sum()) > 0.0
+    assert torch.equal(x.grad, x_ref.grad)
 
 
 def test_fallback_is_feature_matching_on_efficientnet_lite0(tmp_path, monkeypatch):

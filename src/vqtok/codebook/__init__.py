@@ -1,5 +1,6 @@
-"""LC codebooks (VQGAN-LC, METHODS.md section 2): pre-trained encoder features of an image source, clustered to K
-centres, saved as a .safetensors file that `build_quantizer("lc", codebook=path)` reads.
+"""LC codebooks (VQGAN-LC, Zhu et al. 2024): features of a frozen pre-trained encoder (`vqtok.backbones`) over an
+image source, each feature map average-pooled to a grid of cells, one vector per cell, clustered to K centres and
+saved as a (K, F) .safetensors file that `build_quantizer("lc", codebook=path)` reads.
 
     path = build_codebook(encoder="efficientnet-lite0", source="photos", size=100_000, out="codebook.safetensors")
     codebook, metadata = read_codebook_file(path)     # (K, F) float32, dict of strings
@@ -7,11 +8,11 @@ centres, saved as a .safetensors file that `build_quantizer("lc", codebook=path)
 Command line: `vqtok codebook build --encoder NAME --data SOURCE --size K --out FILE`.
 """
 
+from ..backbones import ENCODERS, FeatureEncoder, build_encoder  # re-exported: the encoders a codebook is built with
+from ..core.codebook_file import read_codebook_file, read_metadata, save_codebook
 from .build import build_codebook, default_cache_dir
 from .cluster import METHODS, allocate, assign, cluster, kmeans
-from .encoders import ENCODERS, FeatureEncoder, build_encoder
 from .features import FeatureShards, extract_features, pool_to_grid
-from ..core.codebook_file import read_codebook_file, read_metadata, save_codebook
 
 __all__ = [
     "ENCODERS", "FeatureEncoder", "build_encoder", "extract_features", "FeatureShards", "pool_to_grid", "cluster",

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..backbones import ENCODERS, build_encoder
+from ..core.codebook_file import read_metadata, save_codebook
 from ..data import build_dataset
 from .cluster import METHODS, cluster, faiss_threads
-from .encoders import ENCODERS, build_encoder
 from .features import FeatureShards, extract_features
-from ..core.codebook_file import read_metadata, save_codebook
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def default_crops(source: str, size: int, grid: int) -> int | None:
 @contextmanager
 def cpu_threads(n: int | None) -> Iterator[None]:
     """torch and faiss on n threads inside the block (None: leave them be). On a shared, oversubscribed CPU one
-    thread is 2-3x faster than two (OpenMP threads spin waiting for each other; measured on the 2-core machine)."""
+    thread can be 2-3x faster than two: OpenMP threads spin waiting for each other while the cores run other work."""
     if n is None:
         yield
         return

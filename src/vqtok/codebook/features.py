@@ -4,6 +4,7 @@ Layout of `out_dir`: `manifest.json` (what was extracted, checked on resume) and
 `features` (n * grid * grid, F) float32 and `labels` (n * grid * grid,) int64 for a fixed run of `shard_images`
 consecutive images. Shard i belongs to rank i % world_size, so torchrun ranks split the work without talking; every
 shard is written to a temporary name and renamed, so a killed run resumes at the first missing shard.
+The encoder runs under `torch.inference_mode()`: extraction never needs a gradient, so no autograd graph is kept.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .encoders import FeatureEncoder
+from ..backbones import FeatureEncoder
 
 SHARD_IMAGES = 2048  # images per shard: the unit of resumption and of the split between ranks
 
@@ -155,7 +156,9 @@ def extract_features(encoder: FeatureEncoder, dataset: Dataset, *, grid: int = 4
     pending = {index: ([], []) for index in todo}  # shard -> (feature chunks, label chunks)
     for batch, (images, batch_labels) in zip(batches, loader):
         index = batch[0] // shard_images
-        pending[index][0].append(pool_to_grid(encoder(images), grid).cpu().numpy())  # (B * g * g, F)
+        with torch.inference_mode():
+            features = pool_to_grid(encoder(images), grid).cpu().numpy()  # (B * g * g, F)
+        pending[index][0].append(features)
         pending[index][1].append(_labels_of(batch_labels, len(images)).repeat_interleave(grid * grid).numpy())
         bar.update(len(images))
         if batch[-1] == index * shard_images + sizes[index] - 1:  # the shard's last batch

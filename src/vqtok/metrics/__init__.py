@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..backbones import InceptionFeatures, file_sha256, inception_weights_path
 from .harness import evaluate, format_table, write_metrics
 from .fid import feature_statistics, fid_from_features, frechet_distance, kid
 from .image import psnr, ssim
-from .inception import InceptionFeatures, file_sha256, inception_weights_path
 from .lpips import load_lpips
 
 __all__ = [

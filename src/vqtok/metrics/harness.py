@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..backbones import InceptionFeatures, file_sha256
 from ..quantize import CodeUsage
 from .fid import KID_SUBSET_SIZE, KID_SUBSETS, fid_from_features, kid
 from .image import PSNR_PROTOCOL, SSIM_PROTOCOL, psnr, ssim
-from .inception import InceptionFeatures, file_sha256
 from .lpips import NOT_FOUND, load_lpips
 
 PSNR_CAP_MSE = 1e-10  # an exact reconstruction scores 100 dB, keeping the mean finite

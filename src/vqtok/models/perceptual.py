@@ -1,10 +1,10 @@
-"""Perceptual losses: a frozen network compares two images in [0, 1] (METHODS.md section 4 uses LPIPS-VGG, weight 1).
+"""Perceptual losses: a frozen network compares two images in [0, 1] (VQGAN's recipe: LPIPS-VGG with weight 1).
 
 - `LPIPS`: the real LPIPS (Zhang et al. 2018, "vgg" v0.1): VGG16 features at relu1_2, relu2_2, relu3_3, relu4_3,
   relu5_3, each unit-normalised over channels, squared differences weighted by learned 1x1 linear layers, averaged
   over space and summed over layers. Needs two files no package ships: torchvision's VGG16 ImageNet state dict
   (`vgg16-397923af.pth`) and LPIPS's linear layers (`vgg.pth` from the lpips package or taming's `vgg_lpips`).
-- `FeatureMatchingLoss`: the offline fallback. Any frozen ImageNet network (by default vqtok.codebook's
+- `FeatureMatchingLoss`: the offline fallback. Any frozen ImageNet network (by default vqtok.backbones'
   efficientnet-lite0, whose weights ship in a package) is tapped at intermediate layers (by default the last
   module at each spatial resolution, the way LPIPS taps VGG before each pooling); the distance is the same
   channel-normalised squared difference, with uniform instead of learned weights (LPIPS's "baseline" variant),
@@ -22,14 +22,15 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..backbones import VGG16_CHANNELS, FeatureEncoder, build_encoder, read_state_dict
+from ..backbones import vgg16_feature_state, vgg16_features, vgg16_taps
 from ..core import to_signed
 
-# LPIPS's ScalingLayer: inputs in [-1, 1] are shifted and scaled to VGG's ImageNet statistics.
+# LPIPS's ScalingLayer: inputs in [-1, 1] are shifted and scaled to VGG's ImageNet statistics. These are
+# torchvision's mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) carried over to [-1, 1] (shift = 2 mean - 1,
+# scale = 2 std), written as LPIPS writes them.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-VGG16_TAPS = (3, 8, 15, 22, 29)  # indices in vgg16.features of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-VGG16_CHANNELS = (64, 128, 256, 512, 512)
 LPIPS_ENV = "VQTOK_LPIPS_DIR"
 
 
@@ -69,19 +70,6 @@ class PerceptualLoss(nn.Module):
 # LPIPS-VGG16.
 
 
-def vgg16_features() -> nn.Sequential:
-    """torchvision's `vgg16().features`, with the same indices, so its state dict keys load unchanged."""
-    layers: list[nn.Module] = []
-    width = 3
-    for item in VGG16_CFG:
-        if item == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(width, int(item), 3, padding=1), nn.ReLU()]
-            width = int(item)
-    return nn.Sequential(*layers)
-
-
 class LPIPS(PerceptualLoss):
     """LPIPS-VGG16 (v0.1). Built with random weights; `LPIPS.from_files` loads the real ones."""
 
@@ -99,22 +87,14 @@ class LPIPS(PerceptualLoss):
         """vgg16_path: torchvision's VGG16 state dict (.pth or .safetensors; "features.*" keys are used);
         lin_path: LPIPS's linear layers (keys like "lin0.model.1.weight", shapes (1, C, 1, 1))."""
         model = cls()
-        vgg = _read_tensors(vgg16_path)
-        features = {k.removeprefix("features."): v for k, v in vgg.items() if k.startswith("features.")} or vgg
-        model.features.load_state_dict(features, strict=True)
-        model.lins.load_state_dict(_lin_state(_read_tensors(lin_path), lin_path), strict=True)
+        model.features.load_state_dict(vgg16_feature_state(vgg16_path), strict=True)
+        model.lins.load_state_dict(_lin_state(read_state_dict(lin_path), lin_path), strict=True)
         model.sources = f"VGG16 {vgg16_path}, linear layers {lin_path}"
         return model.freeze()
 
     def taps(self, x: Tensor) -> list[Tensor]:
-        """x (B, 3, H, W) in [0, 1] -> the five relu outputs."""
-        h = (to_signed(x) - self.shift) / self.scale
-        outputs = []
-        for i, layer in enumerate(self.features[: VGG16_TAPS[-1] + 1]):
-            h = layer(h)
-            if i in VGG16_TAPS:
-                outputs.append(h)
-        return outputs
+        """x (B, 3, H, W) in [0, 1] -> the five relu outputs (relu1_2 .. relu5_3)."""
+        return vgg16_taps(self.features, (to_signed(x) - self.shift) / self.scale)
 
     def distance(self, x: Tensor, y: Tensor) -> Tensor:
         total = x.new_zeros(x.shape[0])
@@ -125,22 +105,6 @@ class LPIPS(PerceptualLoss):
 
     def describe(self) -> str:
         return f"LPIPS-VGG16 v0.1 (Zhang et al. 2018; {self.sources})"
-
-
-def _read_tensors(path: str | Path) -> dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    return state
 
 
 def _lin_state(state: dict[str, Tensor], path: str | Path) -> dict[str, Tensor]:
@@ -193,9 +157,9 @@ def stage_outputs(network: nn.Module, probe_size: int = 64) -> list[str]:
     """Names of the last module to finish at each spatial resolution of a probe forward pass (the outputs just
     before each downsampling, as LPIPS taps VGG before each pooling), highest resolution first.
 
-    Containers (Sequential, ...) are represented by their last child. The inside of a downsampling block is skipped: a module whose resolution equals the INPUT resolution of an
-    enclosing non-container module that changes resolution (an inverted-residual block's expand conv) is not a
-    stage output; the block before it is."""
+    Containers (Sequential, ...) are represented by their last child. The inside of a downsampling block is skipped:
+    a module whose resolution equals the INPUT resolution of an enclosing non-container module that changes
+    resolution (an inverted-residual block's expand conv) is not a stage output; the block before it is."""
     events: list[tuple[str, tuple[int, ...] | None, tuple[int, ...]]] = []  # (name, input size, output size)
     hooks = [module.register_forward_hook(_recorder(name, events))
              for name, module in network.named_modules() if name]
@@ -238,25 +202,26 @@ def _inside_resampling_block(name: str, size: tuple[int, ...], sizes: dict, modu
     return False
 
 
-class GradientEncoder(nn.Module):
-    """Runs a `vqtok.codebook` FeatureEncoder with autograd: its forward is wrapped in torch.inference_mode()
-    (right for feature extraction, wrong for a loss that must backpropagate), so this calls the undecorated
-    function, keeping the encoder's own preprocessing."""
+class EncoderNetwork(nn.Module):
+    """A `vqtok.backbones.FeatureEncoder` as the network of a FeatureMatchingLoss: images in [0, 1] -> its feature
+    map, with autograd, through the encoder's own preprocessing. It holds the encoder as `encoder`, so tap names
+    read "encoder.net._blocks.15". It runs the encoder's `forward` rather than calling the module, so no hook fires
+    on the encoder itself: `stage_outputs` would take it for a tap (its output only repeats its last layer's map)
+    and, as a module that changes resolution, skip the layers at its input resolution."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: FeatureEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
     def forward(self, images: Tensor) -> Tensor:
-        forward = getattr(type(self.encoder).forward, "__wrapped__", None)
-        return forward(self.encoder, images) if forward is not None else self.encoder(images)
+        return self.encoder.forward(images)
 
 
 class FeatureMatchingLoss(PerceptualLoss):
     """Channel-normalised squared feature differences of a frozen network at several layers (uniform weights).
 
-    network: maps (B, 3, H, W) in [0, 1] to features (it does its own input normalisation), e.g.
-    `vqtok.codebook.build_encoder("efficientnet-lite0")`; layers: names from `network.named_modules()`
+    network: maps (B, 3, H, W) in [0, 1] to features (it does its own input normalisation) with autograd, e.g.
+    `EncoderNetwork(vqtok.backbones.build_encoder("efficientnet-lite0"))`; layers: names from `network.named_modules()`
     (default: `stage_outputs(network)`, at most `max_layers` of them, the deepest kept)."""
 
     def __init__(self, network: nn.Module, layers: Sequence[str] | None = None, name: str = "",
@@ -313,18 +278,11 @@ def build_perceptual_loss(lpips_dir: str | Path | None = None, encoder: str = "e
                           layers: Sequence[str] | None = None) -> PerceptualLoss:
     """LPIPS-VGG16 when its two weight files are found (in lpips_dir if given, which must then hold them; else in
     $VQTOK_LPIPS_DIR or torch hub's checkpoints), otherwise feature matching on
-    `vqtok.codebook.build_encoder(encoder)` ("efficientnet-lite0" or "mobilenetv2")."""
+    `vqtok.backbones.build_encoder(encoder)` ("efficientnet-lite0" or "mobilenetv2")."""
     found = find_lpips_weights([lpips_dir] if lpips_dir is not None else None)
     if found is not None:
         return LPIPS.from_files(*found)
     if lpips_dir is not None:
         raise FileNotFoundError(f"no LPIPS weights in {lpips_dir}: expected vgg16*.pth (torchvision's VGG16) and "
                                 "vgg.pth (LPIPS's linear layers); leave lpips_dir unset to use the offline fallback")
-    try:
-        from ..codebook import build_encoder
-    except ImportError as err:
-        raise RuntimeError(
-            f"no LPIPS weights found and the fallback needs vqtok.codebook.build_encoder({encoder!r}), which could "
-            f"not be imported ({err}); put vgg16-397923af.pth and LPIPS's vgg.pth in ${LPIPS_ENV}"
-        ) from err
-    return FeatureMatchingLoss(GradientEncoder(build_encoder(encoder)), layers=layers, name=encoder)
+    return FeatureMatchingLoss(EncoderNetwork(build_encoder(encoder)), layers=layers, name=encoder)

