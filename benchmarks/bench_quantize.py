@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vqtok.bench import BenchConfig, bench_row, environment, format_table, warm_up
+from vqtok.bench import BenchConfig, bench_row, environment, format_bench_table, warm_up
 
 CELLS = [("search", 100_000, 256), ("search", 100_000, 8), ("ibq", 100_000, 256), ("ibq", 262_144, 256),
          ("ibq", 1_048_576, 256), ("ibq_step", 1_048_576, 256)]
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"config": config.__dict__, "environment": environment(),
                                                "rows": rows}, indent=1, default=str))
-    print(format_table(rows))
+    print(format_bench_table(rows))
     print()
     results = targets(rows)
     for name, measured, met in results:

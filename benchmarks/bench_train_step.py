@@ -1,4 +1,4 @@
-"""Training step time of the demo recipe at K = 100,000 (lc) against K = 1,024, measured in ONE run (issue 6).
+"""Training step time of the demo recipe at K = 100,000 (lc) against K = 1,024, measured in ONE run.
 
     .venv/bin/python benchmarks/bench_train_step.py [--config configs/demo.yaml] [--repeats 12] [--json PATH]
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from vqtok import bench
-from vqtok.bench import BenchConfig, format_table, measure, run_quantize_bench
+from vqtok.bench import BenchConfig, format_bench_table, measure, run_quantize_bench
 from vqtok.bench_command import add_subcommand
 
 TINY = dict(sizes=(300,), dims=(8,), tokens=32, repeats=1)
@@ -47,7 +47,7 @@ def test_search_rows_time_the_frozen_tree_where_it_applies():
     low, high = run_quantize_bench(config, progress=False)
     assert positive(low["tree"]["forward_ms"]) and positive(low["ratios"]["chunked_over_tree"])
     assert "tree" not in high and high["ratios"]["chunked_over_tree"] is None  # D = 32: no tree
-    header, row_low, row_high = format_table([low, high]).splitlines()[:3]
+    header, row_low, row_high = format_bench_table([low, high]).splitlines()[:3]
     end = header.index(" tree ") + len(" tree")  # cells are right-aligned under their header
     timed = bench._fmt(low["tree"]["forward_ms"])
     assert row_low[end - len(timed):end] == timed and row_high[end - 1:end] == "-"
@@ -84,7 +84,7 @@ def test_command_line_writes_json_and_prints_the_table(tmp_path, capsys):
     assert [r["method"] for r in payload["rows"]] == ["search", "fc"]
     printed = capsys.readouterr().out
     assert "xdense f+b" in printed and re.search(r"^\s*fc\s+256\s+8\s", printed, re.M)
-    assert format_table(payload["rows"]).splitlines()[0] == printed.splitlines()[0]
+    assert format_bench_table(payload["rows"]).splitlines()[0] == printed.splitlines()[0]
 
 
 def test_bad_options_are_refused_with_the_choices():

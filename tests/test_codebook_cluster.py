@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vqtok.codebook import METHODS, allocate, assign, cluster
+from vqtok.codebook import CLUSTER_METHODS, allocate, assign, cluster
 
 
 def blobs(sizes: list[int], dim: int = 16, spread: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -16,7 +16,7 @@ def blobs(sizes: list[int], dim: int = 16, spread: float = 0.3, seed: int = 0) -
     return (centres[labels] + rng.normal(scale=spread, size=(len(labels), dim))).astype(np.float32), labels
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CLUSTER_METHODS)
 def test_same_seed_same_codebook_other_seed_another(method: str) -> None:
     x, labels = blobs([600, 300, 100])
     first = cluster(x, 40, method=method, labels=labels, seed=3)

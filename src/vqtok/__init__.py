@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .quantize import QUANTIZERS, QuantizeOutput, Quantizer, build_quantizer
-from .quantize import CodeUsage
+from .core.packages import vqtok_version
+from .quantize import QUANTIZERS, CodeUsage, QuantizeOutput, Quantizer, build_quantizer
 
-__version__ = "0.1.0"
+__version__ = vqtok_version()
 
 __all__ = ["QUANTIZERS", "QuantizeOutput", "Quantizer", "build_quantizer", "CodeUsage", "Tokenizer", "__version__"]
 

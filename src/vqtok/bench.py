@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
@@ -35,10 +34,11 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .core.io import write_json
 from .quantize import build_quantizer
 
-METHODS = ("search", "vq", "fc", "ema", "lc", "ibq")
-EXTRA_METHODS = ("ibq_step",)  # the IBQ step alone (chunked vs dense backend, with the penalty): not run by default
+CASES = ("search", "vq", "fc", "ema", "lc", "ibq")
+EXTRA_CASES = ("ibq_step",)  # the IBQ step alone (chunked vs dense backend, with the penalty): not run by default
 SIZES = (1024, 16_384, 100_000, 262_144)  # the default grid
 LARGE_SIZES = (1_048_576,)  # the full grid adds these for the chunked paths: --sizes ... 1048576
 DIMS = (8, 256)
@@ -50,14 +50,13 @@ DENSE_MAX_CODES = 262_144  # larger sizes run the chunked paths (plus faiss and 
 DENSE_FACTOR = {"search": 3, "cdist": 2, "vq": 3, "fc": 3, "ema": 3, "lc": 3, "ibq": 6.5, "ibq_step": 6.5, "vqp": 6.5}
 LC_FEATURES = 768  # VQGAN-LC's codebook: CLIP ViT-L/14 features
 DENSE = {op: "dense" for op in kernels.OPS}  # the "dense" paths: every kernel operation on its dense reference
-MIB = 2**20
 
 
 @dataclass
 class BenchConfig:
     """What `run_quantize_bench` measures. dims=None runs each method at its natural dims (NATURAL_DIMS)."""
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = CASES
     sizes: tuple[int, ...] = SIZES
     dims: tuple[int, ...] | None = None
     tokens: int = 4096
@@ -70,9 +69,9 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS + EXTRA_METHODS]
+        unknown = [m for m in self.methods if m not in CASES + EXTRA_CASES]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS + EXTRA_METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(CASES + EXTRA_CASES)}")
         if self.slow_seconds < 0 or self.row_seconds < 0 or self.max_dense_gib < 0:
             raise ValueError("slow_seconds, row_seconds and max_dense_gib must not be negative")
         if self.tokens < 1 or self.repeats < 1 or not self.sizes or min(self.sizes) < 1:
@@ -456,14 +455,12 @@ def environment() -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write_json(rows: list[dict[str, Any]], path: str | Path, config: BenchConfig) -> None:
+def write_results(rows: list[dict[str, Any]], path: str | Path, config: BenchConfig) -> None:
     """rows plus the config and environment, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"config": {k: v for k, v in config.__dict__.items()}, "environment": environment(), "rows": rows}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    write_json(path, payload, indent=1)
 
 
 def _fmt(value: float | None, digits: int | None = None) -> str:
@@ -475,7 +472,7 @@ def _fmt(value: float | None, digits: int | None = None) -> str:
     return f"{value:,.{digits}f}"
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_bench_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table: times in ms, memory in MiB, ratios as x (speed-ups: > 1 means chunked is faster)."""
     header = ["method", "K", "D", "fwd", "fwd+bwd", "MiB", "dense fwd", "dense f+b", "dense MiB", "faiss",
               "cdist", "tree", "vqp f+b", "matmul", "xdense f+b", "mem/dense", "xfaiss", "f+b/matmul"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .bench import (
-    DIMS, EXTRA_METHODS, LARGE_SIZES, METHODS, QUICK, SIZES, BenchConfig, format_table, run_quantize_bench, write_json,
+    DIMS, EXTRA_CASES, LARGE_SIZES, CASES, QUICK, SIZES, BenchConfig, format_bench_table, run_quantize_bench, write_results,
 )
 
 EPILOG = """examples:
@@ -42,7 +42,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         "quantize", help="chunked code search and IBQ kernels vs the dense path, faiss and a bare matmul",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     quantize.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                          help=f"any of {' '.join(METHODS + EXTRA_METHODS)} (default: {' '.join(METHODS)}; "
+                          help=f"any of {' '.join(CASES + EXTRA_CASES)} (default: {' '.join(CASES)}; "
                                "'search' is nearest_code alone, 'ibq_step' the IBQ step without the quantizer)")
     quantize.add_argument("--sizes", nargs="+", default=None, metavar="K",
                           help=f"codebook sizes (default: {' '.join(map(str, SIZES))}; the full grid adds "
@@ -91,8 +91,8 @@ def run_quantize_command(args: argparse.Namespace) -> int:
         print(f"vqtok bench quantize: {error}")
         return 2
     rows = run_quantize_bench(config, progress=not args.no_progress)
-    print(format_table(rows))
+    print(format_bench_table(rows))
     if args.json:
-        write_json(rows, args.json, config)
+        write_results(rows, args.json, config)
         print(f"wrote {args.json}")
     return 0

@@ -11,11 +11,11 @@ Command line: `vqtok codebook build --encoder NAME --data SOURCE --size K --out 
 from ..backbones import ENCODERS, FeatureEncoder, build_encoder  # re-exported: the encoders a codebook is built with
 from ..core.codebook_file import read_codebook_file, read_metadata, save_codebook
 from .build import build_codebook, default_cache_dir
-from .cluster import METHODS, allocate, assign, cluster, kmeans
+from .cluster import CLUSTER_METHODS, allocate, assign, cluster, kmeans
 from .features import FeatureShards, extract_features, pool_to_grid
 
 __all__ = [
     "ENCODERS", "FeatureEncoder", "build_encoder", "extract_features", "FeatureShards", "pool_to_grid", "cluster",
-    "kmeans", "assign", "allocate", "METHODS", "build_codebook", "default_cache_dir", "save_codebook",
+    "kmeans", "assign", "allocate", "CLUSTER_METHODS", "build_codebook", "default_cache_dir", "save_codebook",
     "read_codebook_file", "read_metadata",
 ]

@@ -23,7 +23,7 @@ import torch
 from ..backbones import ENCODERS, build_encoder
 from ..core.codebook_file import read_metadata, save_codebook
 from ..data import build_dataset
-from .cluster import METHODS, cluster, faiss_threads
+from .cluster import CLUSTER_METHODS, cluster, faiss_threads
 from .features import FeatureShards, extract_features
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,6 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def encoder_device(device: str = "auto") -> torch.device:
-    """"auto": cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else the CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def build_codebook(*, encoder: str = "efficientnet-lite0", source: str = "photos", size: int = 100_000,
                    method: str = "two-level", out: str | Path, seed: int = 0, grid: int = 4, crops: int | None = None,
                    crop_size: int | None = None, layer: str | None = None, weights: str | None = None,
@@ -109,7 +100,7 @@ def build_codebook(*, encoder: str = "efficientnet-lite0", source: str = "photos
         return out
     with cpu_threads(threads):
         started = time.perf_counter()
-        enc = build_encoder(encoder, layer=layer, weights=weights).to(encoder_device(device))
+        enc = build_encoder(encoder, layer=layer, weights=weights).to(resolve_device(device))
         request |= {"layer": enc.layer, "crop_size": crop_size or enc.default_crop_size}
         dataset = build_dataset(source, "train", size=request["crop_size"], length=crops, seed=seed)
         _check_enough_features(len(dataset), grid, size)
@@ -144,8 +135,8 @@ def _features_key(request: dict[str, Any]) -> str:
 def _check_request(encoder: str, method: str, size: int, grid: int, crops: int | None) -> None:
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown clustering method {method!r}; choose one of {METHODS}")
+    if method not in CLUSTER_METHODS:
+        raise ValueError(f"unknown clustering method {method!r}; choose one of {CLUSTER_METHODS}")
     if size < 1 or grid < 1 or (crops is not None and crops < 1):
         raise ValueError(f"size (K), grid and crops must be positive, got {size}, {grid}, {crops}")
 

@@ -2,7 +2,7 @@
 
 - "kmeans": flat k-means over all features (faiss subsamples to 256 points per centre, its default).
 - "two-level": k-means to round(sqrt(K)) coarse clusters, then k-means inside each coarse cluster with centres in
-  proportion to its size. The class-free counterpart of the paper's per-class k-means (METHODS.md section 2): the
+  proportion to its size. The class-free counterpart of VQGAN-LC's per-class k-means (100 centres in each of 1,000 classes): the
   cost is N * sqrt(K) * F per iteration instead of N * K * F, which is what makes 100,000+ centres cheap on a CPU.
 - "per-class": labels given, K / classes centres in each class (the remainder goes to the largest classes), k-means
   inside each class, as VQGAN-LC's script does on ImageNet (100 x 1000).
@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-METHODS = ("kmeans", "two-level", "per-class", "random")
+CLUSTER_METHODS = ("kmeans", "two-level", "per-class", "random")
 
 
 def _check_features(features: np.ndarray, k: int) -> np.ndarray:
@@ -91,8 +91,8 @@ def _round_to_total(values: np.ndarray, total: int, tie_break: np.ndarray) -> np
 @contextmanager
 def faiss_threads(n: int) -> Iterator[None]:
     """Run faiss with n OpenMP threads inside the block. Small k-means problems run much faster on one thread (no
-    fork/join per step), and on a shared, oversubscribed CPU two spinning OpenMP threads were 2x slower than one on
-    a 400,000 x 320 k-means and 100x slower on 1,000 points (measured on the 2-core machine)."""
+    fork/join per step), and on an oversubscribed CPU spinning OpenMP threads slow each other down, so the builder
+    passes the thread count it was given (`benchmarks/bench_codebook.py --threads N` compares settings)."""
     import faiss
 
     before = faiss.omp_get_max_threads()
@@ -134,8 +134,8 @@ def grouped_kmeans(x: np.ndarray, groups: np.ndarray, quotas: np.ndarray, *, see
 def cluster(features: np.ndarray, k: int, *, method: str = "two-level", labels: np.ndarray | None = None,
             seed: int = 0, niter: int = 20, progress: bool = False) -> np.ndarray:
     """features (N, F) -> codebook (k, F) float32 by `method` (see module docstring); labels (N,) for per-class."""
-    if method not in METHODS:
-        raise ValueError(f"unknown clustering method {method!r}; choose one of {METHODS}")
+    if method not in CLUSTER_METHODS:
+        raise ValueError(f"unknown clustering method {method!r}; choose one of {CLUSTER_METHODS}")
     x = _check_features(features, k)
     if method == "random":
         return x[np.sort(np.random.default_rng(seed).choice(len(x), size=k, replace=False))]

@@ -9,8 +9,8 @@ The encoder runs under `torch.inference_mode()`: extraction never needs a gradie
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..backbones import FeatureEncoder
+from ..core.io import atomic_write_bytes, write_text
+from ..data import describe_dataset
 
 SHARD_IMAGES = 2048  # images per shard: the unit of resumption and of the split between ranks
 
@@ -36,12 +38,6 @@ def pool_to_grid(feature_map: Tensor, grid: int) -> Tensor:
                          f"(crop_size / --crop-size), an earlier layer, or a smaller grid")
     pooled = F.adaptive_avg_pool2d(feature_map.float(), grid)  # (B, F, g, g)
     return pooled.permute(0, 2, 3, 1).reshape(b * grid * grid, f)
-
-
-def describe_dataset(dataset: Dataset) -> dict[str, Any]:
-    """What identifies a dataset in the manifest: its own `describe()` when it has one, else class and length."""
-    info = dataset.describe() if hasattr(dataset, "describe") else {"type": type(dataset).__name__}
-    return {**info, "length": len(dataset)}
 
 
 @dataclass
@@ -87,10 +83,9 @@ class FeatureShards:
 
 
 def _write_shard(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, features=features, labels=labels)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features, labels=labels)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _manifest(encoder: FeatureEncoder, dataset: Dataset, grid: int, shard_images: int) -> dict[str, Any]:
@@ -112,9 +107,7 @@ def _open_shards(out_dir: Path, manifest: dict[str, Any]) -> FeatureShards:
         raise ValueError(f"{out_dir} holds features of a different extraction (was, now: {differ}); "
                          "delete it or choose another out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".manifest.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
     return shards
 
 

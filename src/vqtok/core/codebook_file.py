@@ -7,7 +7,6 @@ would read it.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +14,9 @@ import torch
 from torch import Tensor
 
 from .io import atomic_write_bytes
+from .packages import vqtok_version
 
 CODEBOOK_KEY = "codebook"  # the tensor name inside a codebook .safetensors file
-
-
-def vqtok_version() -> str:
-    try:
-        return version("vqtok")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
 
 
 def save_codebook(path: str | Path, codebook: Tensor, metadata: dict[str, Any]) -> Path:

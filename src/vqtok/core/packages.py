@@ -4,7 +4,16 @@ some of them import dependencies vqtok never installs (foolbox's eagerpy, deep-s
 from __future__ import annotations
 
 import importlib.util
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+
+def vqtok_version() -> str:
+    """The installed vqtok's version (pyproject.toml's), "unknown" in a source tree that was never installed."""
+    try:
+        return version("vqtok")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def package_dir(package: str) -> Path | None:

@@ -2,7 +2,7 @@
 
 FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), with the trace of the square root computed exactly but
 without scipy.linalg.sqrtm (its complex round-off, its trouble with the singular covariances of a few hundred
-images, and a minute per call on this 2-core machine at d = 2048):
+images, and its cost: minutes per call on a small CPU at d = 2048):
 - from statistics: S1 = L L^T (Cholesky), and S1 S2 is similar to the PSD matrix L^T S2 L, so the trace is
   sum sqrt(eigvalsh(L^T S2 L)); a singular S1 uses its eigendecomposition square root instead of L;
 - from features when N <= d: with centred features A (n1, d), B (n2, d) scaled by 1/sqrt(n - 1), S1 = A^T A and
@@ -91,7 +91,7 @@ def kid(feats1: ArrayLike, feats2: ArrayLike, subsets: int = KID_SUBSETS, subset
         seed: int = 0) -> tuple[float, float]:
     """Kernel inception distance: (mean, std) of the unbiased MMD^2 over `subsets` random subsets of
     min(subset_size, N1, N2) features drawn without replacement from each set (seeded)."""
-    # numpy, not torch: torch's many small multi-threaded ops crawl on a busy 2-core machine
+    # numpy, not torch: torch's many small multi-threaded ops are slow on a busy CPU
     x, y = _float64(feats1).numpy(), _float64(feats2).numpy()
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"expected two (N, D) feature sets of the same D, got {x.shape} and {y.shape}")

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..backbones import InceptionFeatures, file_sha256
+from ..core.packages import vqtok_version
+from ..data import describe_dataset
 from ..quantize import CodeUsage
 from .fid import KID_SUBSET_SIZE, KID_SUBSETS, fid_from_features, kid
 from .image import PSNR_PROTOCOL, SSIM_PROTOCOL, psnr, ssim
@@ -184,9 +186,7 @@ def kid_subset_size(images: int) -> int:
 def _protocol(data: Dataset, n: int, inception: InceptionFeatures | None, lpips: nn.Module | None,
               fid_count: int, recon: int) -> dict[str, Any]:
     """How every number was computed: written next to the numbers (metrics.json["protocol"])."""
-    from .. import __version__
-
-    described = data.describe() if hasattr(data, "describe") else {"dataset": type(data).__name__, "count": len(data)}
+    described = describe_dataset(data)
     fid_note = None
     if inception is not None:
         fid_note = ("Frechet distance of Inception pool3 mean/covariance, float64, exact trace of the matrix square "
@@ -210,7 +210,7 @@ def _protocol(data: Dataset, n: int, inception: InceptionFeatures | None, lpips:
             "estimator": "unbiased MMD^2, polynomial kernel (x.y/2048 + 1)^3 (Binkowski et al. 2018)",
             "subsets": KID_SUBSETS, "subset_size": kid_subset_size(fid_count), "seed": 0},
         "usage": "CodeUsage histogram over every token of the evaluation set (one process)",
-        "vqtok_version": __version__,
+        "vqtok_version": vqtok_version(),
     }
 
 
