@@ -22,6 +22,7 @@ import torch
 
 from ..backbones import ENCODERS, build_encoder
 from ..core.codebook_file import read_metadata, save_codebook
+from ..core.device import resolve_device
 from ..data import build_dataset
 from .cluster import CLUSTER_METHODS, cluster, faiss_threads
 from .features import FeatureShards, extract_features
