@@ -166,6 +166,20 @@ def test_a_new_run_refuses_to_overwrite_an_existing_one(tmp_path):
         train(tiny_config("steps=3"), tmp_path / "run", progress=False)
 
 
+def test_resume_refuses_a_trainer_state_that_would_need_unpickling(tmp_path, capsys):
+    """A trainer.pt holding arbitrary Python objects (an older vqtok's numpy RNG tuple, or anything else) is never
+    unpickled: `vqtok train --resume` says so in one line and exits with 2."""
+    run = tmp_path / "run"
+    train(tiny_config("steps=3", "checkpoint_every=3"), run, progress=False)
+    checkpoint = RunDir(run).latest_checkpoint()
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    state["rng"]["numpy"] = np.random.get_state()  # a tuple holding a numpy array: needs the unpickler
+    torch.save(state, checkpoint / "trainer.pt")
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights-only" in err and err.startswith("vqtok train: error:"), err
+
+
 def test_config_overrides_and_errors(tmp_path):
     config = load_config(None, ["optim.lr=1e-4", "optim.milestones=[10, 20]", "model.quantizer_options={l2_norm: true}"])
     assert config.optim.lr == pytest.approx(1e-4) and config.optim.milestones == (10, 20)

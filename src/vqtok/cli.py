@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        # a user's mistake (a missing or foreign file, an existing run, a bad config value): vqtok's messages say
+        # what was wrong and what to do, in one line
+        print(f"vqtok {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
