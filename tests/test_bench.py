@@ -94,3 +94,26 @@ def test_bad_options_are_refused_with_the_choices():
     add_subcommand(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "quantize", "--sizes", "many"])
     assert args.func(args) == 2
+
+
+def test_the_cuda_benchmark_parses_and_formats_without_a_gpu():
+    parser = argparse.ArgumentParser(prog="vqtok")
+    add_subcommand(parser.add_subparsers(dest="command"))
+    from vqtok.bench_command import config_from_args
+
+    config = config_from_args(parser.parse_args(["bench", "quantize", "--device", "cuda"]))
+    assert config.device == "cuda" and config.tokens == 8192 and config.methods == ("search",)
+    assert config.max_dense_gib == 64
+    assert bench.cuda_cells(config) == [("search", K, D) for K, D in bench.CUDA_CELLS]
+    assert (100_000, 8) in bench.CUDA_CELLS and (1_048_576, 256) in bench.CUDA_CELLS
+    assert config_from_args(parser.parse_args(["bench", "quantize"])).device == "cpu"
+    with pytest.raises(ValueError, match="on cuda only"):
+        BenchConfig(methods=("vq",), device="cuda")
+    args = parser.parse_args(["bench", "quantize", "--device", "cuda", "--methods", "ibq"])
+    assert args.func(args) == 2
+    row = {"method": "search", "codebook_size": 16384, "dim": 8, "tokens": 8192, "notes": ["x"],
+           "triton": {"forward_ms": 1.0, "peak_mib": 0.5}, "chunked": {"forward_ms": 10.0, "peak_mib": 256.0},
+           "ratios": {f"{name}_over_triton": None for name in bench.CUDA_PATHS[1:]}}
+    row["ratios"]["chunked_over_triton"] = 10.0
+    table = bench.format_cuda_table([row])
+    assert "triton ms" in table.splitlines()[0] and "10.00" in table.splitlines()[1]

@@ -50,6 +50,12 @@ DENSE_MAX_CODES = 262_144  # larger sizes run the chunked paths (plus faiss and 
 DENSE_FACTOR = {"search": 3, "cdist": 2, "vq": 3, "fc": 3, "ema": 3, "lc": 3, "ibq": 6.5, "ibq_step": 6.5, "vqp": 6.5}
 LC_FEATURES = 768  # VQGAN-LC's codebook: CLIP ViT-L/14 features
 DENSE = {op: "dense" for op in kernels.OPS}  # the "dense" paths: every kernel operation on its dense reference
+# --device cuda: the search rows on the GPU (IBQ rows join CUDA_METHODS when its Triton kernel is benchmarked).
+CUDA_METHODS = ("search",)
+CUDA_CELLS = ((16_384, 8), (16_384, 256), (100_000, 8), (262_144, 8), (262_144, 256), (1_048_576, 8),
+              (1_048_576, 256))  # (K, D) of the default CUDA grid
+CUDA_TOKENS = 8192
+CUDA_MATMUL_BLOCK_BYTES = 4 * 2**30  # the bare matmul runs in code blocks whose (N, codes) output is at most this
 
 
 @dataclass
@@ -67,6 +73,8 @@ class BenchConfig:
     faiss_everywhere: bool = False  # faiss is a bare search: by default it is timed on the "search" rows only
     lc_features: int = LC_FEATURES
     seed: int = 0
+    device: str = "cpu"  # "cuda": the GPU search rows (run_cuda_search_bench), not the CPU grid
+
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in CASES + EXTRA_CASES]
@@ -79,6 +87,10 @@ class BenchConfig:
                              f"repeats={self.repeats}, sizes={self.sizes}")
         if self.dims is not None and (not self.dims or min(self.dims) < 1):
             raise ValueError(f"dims must be positive, got {self.dims}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and set(self.methods) - set(CUDA_METHODS):
+            raise ValueError(f"on cuda only {list(CUDA_METHODS)} is benchmarked so far, got {list(self.methods)}")
 
     def cells(self) -> list[tuple[str, int, int]]:
         """(method, K, D) rows in run order: by size, then method, then dim."""
@@ -275,7 +287,8 @@ def _dense_rule(K: int, config: BenchConfig, notes: list[str]) -> Callable[[str]
     dense_ok = K <= DENSE_MAX_CODES
     if not dense_ok:
         notes.append(f"K > {DENSE_MAX_CODES}: chunked paths, faiss and matmul only")
-    limit = min(config.max_dense_gib * 2**30, 0.8 * _available_bytes())
+    free = torch.cuda.mem_get_info()[0] if config.device == "cuda" else _available_bytes()
+    limit = min(config.max_dense_gib * 2**30, 0.8 * free)
 
     def fits(kind: str) -> bool:
         need = DENSE_FACTOR[kind] * config.tokens * K * 4
@@ -459,7 +472,8 @@ def write_results(rows: list[dict[str, Any]], path: str | Path, config: BenchCon
     """rows plus the config and environment, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"config": {k: v for k, v in config.__dict__.items()}, "environment": environment(), "rows": rows}
+    facts = environment() if config.device == "cpu" else {**environment(), **cuda_environment()}
+    payload = {"config": {k: v for k, v in config.__dict__.items()}, "environment": facts, "rows": rows}
     write_json(path, payload, indent=1)
 
 
@@ -497,4 +511,172 @@ def format_bench_table(rows: list[dict[str, Any]]) -> str:
     footer = ["", "times: median ms; MiB: peak extra resident memory; xdense/xfaiss: their time / chunked time "
               "(> 1: chunked faster); f+b/matmul: chunked forward+backward (forward for search) / bare z @ E^T; "
               "tree: a fixed codebook's k-d tree (evaluation's search at D <= 16), queries only"]
+    return "\n".join(text + footer + [f"note: {n}" for n in notes])
+
+
+# -- the GPU: `vqtok bench quantize --device cuda` -----------------------------------------------------------------
+# Each row (K, D) times nearest_code on N tokens of fp32 on the GPU, each path forced through the kernel registry:
+# - triton: the Triton kernel at the default precision ("highest": exact fp32 products); triton_tf32: the same
+#   with torch.set_float32_matmul_precision("high") (TF32 products);
+# - chunked: the torch chunked path (blocks sized for the GPU); dense: the (N, K) reference;
+# - cdist: torch.cdist + argmin; matmul / matmul_tf32: the bare z @ E^T in fp32 and in TF32 (in code blocks of at
+#   most CUDA_MATMUL_BLOCK_BYTES of output, the floor any exact method pays).
+# Times: CUDA events around each call, median of the repeats after a warm-up call (compiles and autotunes the
+# Triton kernel). Memory: torch.cuda.max_memory_allocated above the allocation before the call, after
+# reset_peak_memory_stats. Dense and cdist run only where their predicted memory fits (_dense_rule).
+# The IBQ rows (the Triton IBQ step) belong here too: add "ibq_step" to CUDA_METHODS and its paths to
+# `_cuda_row_paths` (triton / chunked / dense backends of kernels.ibq_step, forward and forward+backward).
+CUDA_PATHS = ("triton", "triton_tf32", "chunked", "dense", "cdist", "matmul", "matmul_tf32")
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision within the block (it sets torch.backends.cuda.matmul.allow_tf32 too)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def cuda_cells(config: BenchConfig) -> list[tuple[str, int, int]]:
+    """(method, K, D) rows of the CUDA benchmark: CUDA_CELLS unless sizes or dims are given (then their grid)."""
+    if config.sizes == SIZES and config.dims is None:
+        return [(m, K, D) for m in config.methods for K, D in CUDA_CELLS]
+    return [(m, K, D) for m in config.methods for K in config.sizes for D in (config.dims or DIMS)]
+
+
+def _cuda_row_paths(K: int, D: int, config: BenchConfig, notes: list[str]) -> tuple[dict[str, Callable], int]:
+    """{path name: call} for one search row on the GPU, and how many blocks the bare matmul runs in."""
+    torch.manual_seed(config.seed)
+    N = config.tokens
+    z, codebook = torch.randn(N, D, device="cuda"), torch.randn(K, D, device="cuda")
+    fits = _dense_rule(K, config, notes)
+
+    def search(backend: str, precision: str = "highest") -> Callable[[], Any]:
+        def call() -> Any:
+            with kernels.use("nearest_code", backend), _matmul_precision(precision):
+                return kernels.nearest_code(z, codebook)
+        return call
+
+    block = max(1, min(K, CUDA_MATMUL_BLOCK_BYTES // (4 * N)))
+    out = torch.empty(N, block, device="cuda")
+
+    def matmul(precision: str) -> Callable[[], Any]:
+        def call() -> None:
+            with _matmul_precision(precision):
+                for k0 in range(0, K, block):
+                    e = codebook[k0:k0 + block]
+                    torch.mm(z, e.T, out=out[:, :e.shape[0]])  # (N, codes)
+        return call
+
+    paths: dict[str, Callable] = {}
+    if kernels.backends("nearest_code")[0] == "triton" and kernels.BACKENDS["nearest_code"][0].applies(z, codebook):
+        paths["triton"], paths["triton_tf32"] = search("triton"), search("triton", "high")
+    else:
+        notes.append("triton is not installed: no triton columns")
+    paths["chunked"] = search("chunked")
+    if fits("search"):
+        paths["dense"] = search("dense")
+    if fits("cdist"):
+        paths["cdist"] = lambda: torch.cdist(z, codebook).argmin(dim=1)
+    paths["matmul"], paths["matmul_tf32"] = matmul("highest"), matmul("high")
+    return paths, -(-K // block)
+
+
+def _cuda_time(call: Callable[[], Any], repeats: int) -> tuple[list[float], float]:
+    """(times in ms of `repeats` calls after a warm-up call, peak extra MiB of the warm-up call)."""
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times, peak
+
+
+def cuda_bench_row(method: str, K: int, D: int, config: BenchConfig) -> dict[str, Any]:
+    """One search row on the GPU: each path's median ms and peak extra MiB, and ratios over the triton path."""
+    notes: list[str] = []
+    started = time.perf_counter()
+    paths, blocks = _cuda_row_paths(K, D, config, notes)
+    row: dict[str, Any] = {"method": method, "codebook_size": K, "dim": D, "tokens": config.tokens}
+    for name, call in paths.items():
+        try:
+            times, peak = _cuda_time(call, config.repeats)
+            row[name] = {"forward_ms": round(statistics.median(times), 3), "peak_mib": round(peak, 1),
+                         "samples": len(times), "error": None}
+        except (RuntimeError, MemoryError) as error:  # e.g. out of GPU memory
+            row[name] = {"forward_ms": None, "peak_mib": None, "samples": 0,
+                         "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            notes.append(f"{name} failed: {row[name]['error']}")
+    del paths
+    gc.collect()
+    torch.cuda.empty_cache()
+    ms = lambda name: row.get(name, {}).get("forward_ms")  # noqa: E731
+    row["ratios"] = {f"{name}_over_triton": _ratio(ms(name), ms("triton")) for name in CUDA_PATHS[1:]}
+    row.update(matmul_blocks=blocks, seconds=round(time.perf_counter() - started, 1), notes=notes)
+    return row
+
+
+def run_cuda_search_bench(config: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Every row of `cuda_cells(config)` on the GPU (see cuda_bench_row)."""
+    from tqdm import tqdm
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA GPU")
+    rows = []
+    bar = tqdm(cuda_cells(config), desc="bench quantize (cuda)", unit="row", disable=not progress)
+    for method, K, D in bar:
+        bar.set_postfix_str(f"{method} K={K} D={D}")
+        rows.append(cuda_bench_row(method, K, D, config))
+    return rows
+
+
+def cuda_environment() -> dict[str, Any]:
+    """The GPU facts a reader needs besides `environment()`."""
+    if not torch.cuda.is_available():
+        return {"cuda": None}
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    props = torch.cuda.get_device_properties(0)
+    return {"cuda": torch.version.cuda, "gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "sms": props.multi_processor_count, "triton": triton_version,
+            "memory_method_cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
+                                  "memory_allocated before the call",
+            "timing_cuda": "CUDA events, median of the repeats after one warm-up call"}
+
+
+def format_cuda_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table of the GPU rows: each path's median ms and peak extra MiB; x: path time / triton time."""
+    header = ["method", "K", "D", "N"] + [f"{name}{unit}" for name in CUDA_PATHS for unit in (" ms", " MiB")]
+    header += ["xchunked", "xcdist", "xmatmul"]
+    lines = [header]
+    for r in rows:
+        cells = [r["method"], f"{r['codebook_size']:,}", str(r["dim"]), str(r["tokens"])]
+        for name in CUDA_PATHS:
+            cells += [_fmt(r.get(name, {}).get("forward_ms")), _fmt(r.get(name, {}).get("peak_mib"))]
+        ratios = r["ratios"]
+        cells += [_fmt(ratios["chunked_over_triton"], 2), _fmt(ratios["cdist_over_triton"], 2),
+                  _fmt(ratios["matmul_over_triton"], 2)]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    notes = sorted({n for r in rows for n in r["notes"]})
+    footer = ["", "times: median ms (CUDA events); MiB: peak extra GPU memory; x<path>: its time / triton's "
+              "(> 1: triton faster); *_tf32: torch.set_float32_matmul_precision('high')"]
     return "\n".join(text + footer + [f"note: {n}" for n in notes])

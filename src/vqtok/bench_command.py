@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 
 from .bench import (
-    DIMS, EXTRA_CASES, LARGE_SIZES, CASES, QUICK, SIZES, BenchConfig, format_bench_table, run_quantize_bench, write_results,
+    CASES, CUDA_CELLS, CUDA_METHODS, CUDA_TOKENS, DIMS, EXTRA_CASES, LARGE_SIZES, QUICK, SIZES, BenchConfig,
+    format_bench_table, format_cuda_table, run_cuda_search_bench, run_quantize_bench, write_results,
 )
+
+CUDA_MAX_DENSE_GIB = 64.0  # --device cuda: the dense and cdist columns where they need at most this much
 
 EPILOG = """examples:
   vqtok bench quantize                                   # the default grid (each method at its own dims)
@@ -14,6 +17,7 @@ EPILOG = """examples:
   vqtok bench quantize --quick                           # a tiny grid in seconds (what the tests run)
   vqtok bench quantize --sizes 1024 16384 100000 262144 1048576 --dims 8 256   # the full grid (hours)
   python benchmarks/bench_quantize.py                    # the kernel targets, checked one by one
+  vqtok bench quantize --device cuda --json cuda.json    # the search on the GPU: triton vs chunked, cdist, matmul
 
 Times are medians of up to --repeats runs after a warm-up, all paths of a row interleaved so a shared machine's
 load hits them alike (a call slower than --slow-seconds keeps its warm-up as a sample; no new round starts after
@@ -56,8 +60,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                           help="a call this slow keeps its warm-up run as a sample (default: 2)")
     quantize.add_argument("--row-seconds", type=float, default=None,
                           help="no new round of repeats once a row has run this long (default: 30)")
-    quantize.add_argument("--max-dense-gib", type=float, default=12.0,
-                          help="skip a dense reference whose predicted memory exceeds this (default: 12)")
+    quantize.add_argument("--max-dense-gib", type=float, default=None,
+                          help="skip a dense reference whose predicted memory exceeds this (default: 12; "
+                               f"{CUDA_MAX_DENSE_GIB:g} with --device cuda)")
+    quantize.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                          help="cpu (default): the grid above; cuda: nearest_code on the GPU, N = "
+                               f"{CUDA_TOKENS} tokens, (K, D) in {' '.join(f'{K}x{D}' for K, D in CUDA_CELLS)} "
+                               "unless --sizes/--dims are given, columns triton (fp32 and TF32), chunked, dense, "
+                               "cdist+argmin, bare matmul (fp32 and TF32)")
     quantize.add_argument("--faiss-everywhere", action="store_true",
                           help="time faiss's exact search on the quantizer rows too (default: 'search' rows only)")
     quantize.add_argument("--quick", action="store_true",
@@ -69,7 +79,10 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """--quick sets the grid's defaults; explicit options override them."""
-    base = dict(QUICK) if args.quick else {}
+    device = getattr(args, "device", "cpu")
+    base: dict = dict(methods=CUDA_METHODS, tokens=CUDA_TOKENS, device="cuda") if device == "cuda" else {}
+    if args.quick:
+        base.update(QUICK)
     if args.methods:
         base["methods"] = _names(args.methods)
     if args.sizes:
@@ -81,7 +94,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for name in ("repeats", "slow_seconds", "row_seconds"):
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
-    return BenchConfig(max_dense_gib=args.max_dense_gib, faiss_everywhere=args.faiss_everywhere, **base)
+    max_dense_gib = args.max_dense_gib if args.max_dense_gib is not None else (
+        CUDA_MAX_DENSE_GIB if device == "cuda" else 12.0)
+    return BenchConfig(max_dense_gib=max_dense_gib, faiss_everywhere=args.faiss_everywhere, **base)
 
 
 def run_quantize_command(args: argparse.Namespace) -> int:
@@ -90,8 +105,16 @@ def run_quantize_command(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError) as error:
         print(f"vqtok bench quantize: {error}")
         return 2
-    rows = run_quantize_bench(config, progress=not args.no_progress)
-    print(format_bench_table(rows))
+    if config.device == "cuda":
+        try:
+            rows = run_cuda_search_bench(config, progress=not args.no_progress)
+        except RuntimeError as error:
+            print(f"vqtok bench quantize: {error}")
+            return 2
+        print(format_cuda_table(rows))
+    else:
+        rows = run_quantize_bench(config, progress=not args.no_progress)
+        print(format_bench_table(rows))
     if args.json:
         write_results(rows, args.json, config)
         print(f"wrote {args.json}")

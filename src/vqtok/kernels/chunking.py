@@ -1,4 +1,4 @@
-"""CPU tuning shared by the chunked kernels: how big a chunk is, and how chunks are shared among worker threads.
+"""Tuning shared by the chunked kernels: how big a chunk is, and how chunks are shared among worker threads.
 
 None of this changes a result: the chunked search and the chunked IBQ step give the same values for any chunk size
 and any number of workers (ties resolve to the lowest index whatever the split). It only decides how much scratch
@@ -16,8 +16,11 @@ from torch import Tensor
 R = TypeVar("R")
 
 # The chunked search: one (tokens x codes) block at a time.
-BLOCK_ELEMENTS = 1024 * 1024  # elements of one (tokens x codes) block: 4 MiB in fp32, cache-sized
+BLOCK_ELEMENTS = 1024 * 1024  # elements of one (tokens x codes) block on the CPU: 4 MiB in fp32, cache-sized
 MAX_TOKEN_CHUNK = 2048
+# On an accelerator a block is sized by a memory budget instead: few large matmuls, not cache-sized ones.
+DEVICE_BLOCK_ELEMENTS = 64 * 1024 * 1024  # 256 MiB of fp32 scores per block
+DEVICE_MAX_TOKEN_CHUNK = 16384
 MIN_SEARCH_CODE_CHUNK = 256  # narrower blocks make the per-block overhead dominate
 # The chunked IBQ step: every token against one chunk of codes at a time (a chunk's column sums must be exact).
 CHUNK_ELEMENTS = 1024 * 1024  # elements of one (N x codes) buffer: 4 MiB in fp32; a few live per worker
@@ -25,13 +28,16 @@ MIN_CODE_CHUNK = 64
 
 
 def search_chunks(n_tokens: int, n_codes: int, token_chunk: int | None = None,
-                  code_chunk: int | None = None) -> tuple[int, int]:
-    """(tokens, codes) per block of the chunked search: about BLOCK_ELEMENTS per block unless given."""
+                  code_chunk: int | None = None, device: torch.device | str | None = None) -> tuple[int, int]:
+    """(tokens, codes) per block of the chunked search unless given: about BLOCK_ELEMENTS per block on the CPU (and
+    when no device is named), DEVICE_BLOCK_ELEMENTS on any other device (CUDA)."""
     for name, value in (("token_chunk", token_chunk), ("code_chunk", code_chunk)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    tokens = min(int(token_chunk) if token_chunk else MAX_TOKEN_CHUNK, max(n_tokens, 1))
-    codes = int(code_chunk) if code_chunk else max(MIN_SEARCH_CODE_CHUNK, BLOCK_ELEMENTS // tokens)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    budget, max_tokens = (BLOCK_ELEMENTS, MAX_TOKEN_CHUNK) if on_cpu else (DEVICE_BLOCK_ELEMENTS, DEVICE_MAX_TOKEN_CHUNK)
+    tokens = min(int(token_chunk) if token_chunk else max_tokens, max(n_tokens, 1))
+    codes = int(code_chunk) if code_chunk else max(MIN_SEARCH_CODE_CHUNK, budget // tokens)
     return tokens, min(codes, max(n_codes, 1))
 
 

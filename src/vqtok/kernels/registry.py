@@ -18,8 +18,10 @@ BACKENDS lists, per operation, its backends in the order the automatic choice tr
   thresholds below which the next backend is faster);
 - requires: what `applies` checks, in words, for error messages.
 The automatic choice is the first backend that applies and is worthwhile. The last one is always "dense", the torch
-reference with (N, K) tensors: it always applies. Adding a backend (e.g. Triton) is one `Backend(...)` entry, placed
-where the automatic choice should try it.
+reference with (N, K) tensors: it always applies. Adding a backend is one `Backend(...)` entry, placed where the
+automatic choice should try it. The search operations list "triton" first (kernels/triton/search.py): it applies to
+float tensors on CUDA (without float64) where triton is installed, and on CPU tensors under TRITON_INTERPRET=1 (its
+tests), but the automatic choice takes it on CUDA only, so the CPU choice never depends on that variable.
 
 Forcing a backend, for tests and benchmarks: `with use("nearest_code", "chunked"): ...` (a context variable: it
 holds in this thread / asyncio task until the block exits, nested blocks restore the outer choice). A call's
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
@@ -42,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import numba_search
+from . import triton as triton_kernels
 from .chunked_ibq import ibq_chunked
 from .chunking import search_chunks
 from .ibq import IBQResult, ibq_dense
@@ -95,6 +99,42 @@ def _fused_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
     return codebook.shape[1] <= FUSED_MAX_DIM
 
 
+def _triton_applies(z: Tensor, codebook: Tensor, **_: Any) -> bool:
+    # CUDA tensors, or CPU tensors under the interpreter (tests); fp32 search (bf16/fp16 are upcast, fp64 is not
+    # searched in Triton). triton is looked up without importing it: vqtok imports without triton.
+    if not triton_kernels.available() or search_dtype(z, codebook) != torch.float32:
+        return False
+    if not (z.dtype.is_floating_point and codebook.dtype.is_floating_point):
+        return False
+    on_cuda = z.device.type == "cuda" and codebook.device.type == "cuda"
+    return on_cuda or (_on_cpu(z, codebook) and triton_kernels.interpreting() and _kernels_interpreted())
+
+
+def _kernels_interpreted() -> bool:
+    # triton decides between compiler and interpreter when the kernel module is imported: if that happened without
+    # TRITON_INTERPRET=1, its kernels cannot run on CPU tensors however the variable is set now.
+    module = sys.modules.get("vqtok.kernels.triton.search")
+    return module is None or bool(module.INTERPRET)
+
+
+def _triton_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
+    return z.device.type == "cuda"  # the interpreter is for tests: the automatic choice on the CPU never takes it
+
+
+def _nearest_code_triton(z: Tensor, codebook: Tensor, **_: Any) -> tuple[Tensor, Tensor]:
+    from .triton.search import nearest_code_triton  # imports triton: only when this backend runs
+    return nearest_code_triton(z, codebook)
+
+
+def _max_inner_product_triton(z: Tensor, codebook: Tensor, **_: Any) -> tuple[Tensor, Tensor]:
+    from .triton.search import max_inner_product_triton
+    return max_inner_product_triton(z, codebook)
+
+
+TRITON_REQUIRES = ("triton, float tensors on CUDA (or on the CPU with TRITON_INTERPRET=1, for tests) and no float64 "
+                   "input")
+
+
 def _ibq_chunked_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
     return z.shape[0] * codebook.shape[0] > IBQ_DENSE_MAX_ELEMENTS
 
@@ -102,6 +142,7 @@ def _ibq_chunked_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
 # -- the registry -----------------------------------------------------------------------------------------------------
 BACKENDS: dict[str, tuple[Backend, ...]] = {
     "nearest_code": (
+        Backend("triton", _nearest_code_triton, _triton_applies, _triton_worthwhile, TRITON_REQUIRES),
         Backend("kdtree", lambda z, codebook, frozen_key=None, **_: nearest_code_kdtree(z, codebook, frozen_key),
                 _kdtree_applies, _kdtree_worthwhile,
                 "a frozen_key (a codebook that stays fixed between calls) and float tensors on the CPU"),
@@ -112,6 +153,7 @@ BACKENDS: dict[str, tuple[Backend, ...]] = {
         Backend("dense", lambda z, codebook, **_: nearest_code_dense(z, codebook)),
     ),
     "max_inner_product": (
+        Backend("triton", _max_inner_product_triton, _triton_applies, _triton_worthwhile, TRITON_REQUIRES),
         Backend("fused", lambda z, codebook, **_: numba_search.max_inner_product_fused(z, codebook),
                 _fused_applies, _fused_worthwhile, "numba, tensors on the CPU and no float64 input"),
         Backend("chunked", lambda z, codebook, token_chunk=None, code_chunk=None, **_: max_inner_product_chunked(

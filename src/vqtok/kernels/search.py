@@ -9,7 +9,8 @@ Two implementations of each:
 - chunked (`nearest_code_chunked`, `max_inner_product_chunked`): addmm of a (tokens x codes) block into one reused
   buffer, then min/max over the block, keeping the running best per token, so no (N, K) matrix ever exists; on CPU
   the code chunks are shared among worker threads (kernels/chunking.py), each keeping its own running best, merged
-  at the end. Runs on any device and dtype; it searches in fp32 (fp64 if either input is fp64).
+  at the end. Runs on any device and dtype; it searches in fp32 (fp64 if either input is fp64). Blocks are
+  cache-sized on the CPU and sized by a memory budget elsewhere (`search_chunks`).
 """
 
 from __future__ import annotations
@@ -94,26 +95,28 @@ def _chunked_argbest(
     """Best over k of bias_k + alpha z.e_k for each token, one (tokens x codes) block at a time; workers take code
     chunks and each keeps its own running best (N values), merged at the end."""
     N, K = z.shape[0], codes.shape[0]
-    tokens, chunk = search_chunks(N, K, token_chunk, code_chunk)
+    tokens, chunk = search_chunks(N, K, token_chunk, code_chunk, z.device)
     token_blocks = -(-N // tokens)
     n_items = -(-K // chunk) * token_blocks  # item i: code chunk i // token_blocks, token block i % token_blocks
     workers = worker_count(n_items, z.device)
     fill = float("-inf") if largest else float("inf")
     best = torch.full((workers, N), fill, dtype=z.dtype, device=z.device)
     index = torch.zeros(workers, N, dtype=torch.int64, device=z.device)
-    scratch = torch.empty(workers, 2, tokens * chunk, dtype=z.dtype, device=z.device)  # scores, improving rows
+    scratch = torch.empty(workers, tokens * chunk, dtype=z.dtype, device=z.device)  # scores
+    # improving rows (the CPU's _update_best only: elsewhere the block's min/max needs no copy)
+    spare = torch.empty(workers, tokens * chunk if z.device.type == "cpu" else 1, dtype=z.dtype, device=z.device)
 
     def work(items: Iterable[int], worker: int) -> None:
         for i in items:  # a token block meets its code chunks in increasing order within a worker
             k0, n0 = (i // token_blocks) * chunk, (i % token_blocks) * tokens
             e_blk, z_blk = codes[k0:k0 + chunk], z[n0:n0 + tokens]
-            scores = scratch[worker, 0, : z_blk.shape[0] * e_blk.shape[0]].view(z_blk.shape[0], e_blk.shape[0])
+            scores = scratch[worker, : z_blk.shape[0] * e_blk.shape[0]].view(z_blk.shape[0], e_blk.shape[0])
             if bias is None:
                 torch.mm(z_blk, e_blk.T, out=scores)  # (tokens, codes)
             else:
                 torch.addmm(bias[k0:k0 + chunk], z_blk, e_blk.T, alpha=alpha, out=scores)  # (tokens, codes)
             _update_best(scores, best[worker, n0:n0 + tokens], index[worker, n0:n0 + tokens], k0, largest,
-                         scratch[worker, 1])
+                         spare[worker])
 
     with torch.autocast(device_type=z.device.type, enabled=False):
         run_workers(work, n_items, z.device)
