@@ -77,7 +77,7 @@ def test_every_backend_equals_the_dense_reference(op, name):
 
     if name == "triton" and not (triton_kernels.available() and triton_kernels.interpreting()):
         pytest.skip("the triton backend runs on CPU tensors only through the interpreter: it is tested here when "
-                    "TRITON_INTERPRET=1 is set (tests/test_triton_search.py sets it), and in that file")
+                    "TRITON_INTERPRET=1 is set (tests/conftest.py sets it where torch sees no GPU)")
     key = ("test", object())  # a key no other test uses: the k-d tree cache is process-wide
     options = {"frozen_key": key} if op == "nearest_code" else {}
     unit = op == "max_inner_product"
