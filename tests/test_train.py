@@ -180,6 +180,29 @@ def test_resume_refuses_a_trainer_state_that_would_need_unpickling(tmp_path, cap
     assert len(err.splitlines()) == 1 and "weights-only" in err and err.startswith("vqtok train: error:"), err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--set", "optim.lr=abc"], "optim.lr='abc' is not a number"),
+    (["--set", "data.batch_size=8.5"], "data.batch_size=8.5 is not an integer"),
+    (["--set", "optim.betas=[0.5]"], "optim.betas=[0.5] is not a list of 2 values"),
+    (["--set", "model.quantizr=vq"], "unknown config key"),
+    (["--set", "model.quantizer=lc", "--set", "model.quantizer_options={codebook: CODEBOOK}"], "not a readable"),
+    (["--set", "model.quantizer=lc", "--set", "model.codebook_size=7",
+      "--set", "model.quantizer_options={codebook: GOOD}"], "holds 5 codes but codebook_size=7"),
+    (["--resume"], "not a vqtok run directory"),
+])
+def test_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, capsys, args, says):
+    from vqtok.core.codebook_file import save_codebook
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    save_codebook(tmp_path / "good.safetensors", torch.randn(5, 4), {})
+    args = [a.replace("CODEBOOK", str(tmp_path / "bad.safetensors")).replace("GOOD", str(tmp_path / "good.safetensors"))
+            for a in args]
+    overrides = [a for o in TINY for a in ("--set", o)]
+    assert cli_main(["train", *overrides, *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vqtok train: error:") and says in err, err
+
+
 def test_config_overrides_and_errors(tmp_path):
     config = load_config(None, ["optim.lr=1e-4", "optim.milestones=[10, 20]", "model.quantizer_options={l2_norm: true}"])
     assert config.optim.lr == pytest.approx(1e-4) and config.optim.milestones == (10, 20)

@@ -46,11 +46,17 @@ def read_codebook_file(path: str | Path) -> tuple[Tensor, dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"codebook file {path} does not exist; build one with `vqtok codebook build --out {path}`")
-    with safe_open(str(path), framework="pt") as f:
-        if CODEBOOK_KEY not in f.keys():
-            raise ValueError(f"{path} holds no tensor named {CODEBOOK_KEY!r} (found {list(f.keys())}); "
-                             "is it a codebook written by `vqtok codebook build`?")
-        return f.get_tensor(CODEBOOK_KEY), dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if CODEBOOK_KEY not in f.keys():
+                raise ValueError(f"{path} holds no tensor named {CODEBOOK_KEY!r} (found {list(f.keys())}); "
+                                 "is it a codebook written by `vqtok codebook build`?")
+            return f.get_tensor(CODEBOOK_KEY), dict(f.metadata() or {})
+    except ValueError:
+        raise
+    except Exception as error:  # safetensors' SafetensorError: not a safetensors file, or a truncated one
+        raise ValueError(f"{path} is not a readable .safetensors codebook ({error}); rebuild it with "
+                         "`vqtok codebook build`") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

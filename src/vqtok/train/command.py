@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume:
         run = RunDir(args.out)
         if not run.config.is_file():
-            print(f"error: --resume needs {run.config}; {args.out} is not a vqtok run directory", file=sys.stderr)
-            return 2
+            raise FileNotFoundError(f"--resume needs {run.config}; {args.out} is not a vqtok run directory")
         base = run.read_config()
         base = {k: v for k, v in base.items() if k not in ("data_description", "world_size")}
         config = load_config(args.config, overrides, base=None if args.config else base)
@@ -165,15 +163,13 @@ def run_decode(args: argparse.Namespace) -> int:
 
     index_path = args.tokens / INDEX_FILE
     if not index_path.is_file():
-        print(f"error: {index_path} not found; write tokens with `vqtok encode RUN --data ... --out {args.tokens}`",
-              file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{index_path} not found; write tokens with `vqtok encode RUN --data ... --out "
+                                f"{args.tokens}`")
     index = json.loads(index_path.read_text())
     model = Tokenizer.from_pretrained(args.run, ema=args.ema).eval()
     if index["codebook_size"] != model.codebook_size:
-        print(f"error: the tokens come from a codebook of {index['codebook_size']} codes, the tokenizer in {args.run} "
-              f"has {model.codebook_size}; decode with the run that encoded them", file=sys.stderr)
-        return 2
+        raise ValueError(f"the tokens come from a codebook of {index['codebook_size']} codes, the tokenizer in "
+                         f"{args.run} has {model.codebook_size}; decode with the run that encoded them")
     args.out.mkdir(parents=True, exist_ok=True)
     total = min(index["count"], args.limit) if args.limit else index["count"]
     written = 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -102,24 +104,91 @@ class TrainConfig:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """cls from a dict: unknown keys and values of the wrong type are errors that name the key and what it takes."""
     if not isinstance(data, dict):
-        raise ValueError(f"config section {where or 'top level'} must be a mapping, got {type(data).__name__}")
-    if cls is TokenizerConfig:
-        return TokenizerConfig.from_dict(data)
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+        raise ValueError(f"config section {where.rstrip('.') or 'top level'} must be a mapping, got "
+                         f"{type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys here: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
-        default = getattr(cls(), name) if name in known else None
-        if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            values[name] = tuple(value)
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], value, f"{where}{name}.")
         else:
-            values[name] = value
+            values[name] = checked_value(value, hints[name], where + name)
     return cls(**values)
+
+
+def checked_value(value: Any, annotation: Any, key: str) -> Any:
+    """`value` as the annotation's type (an int for a float, a list for a tuple, 1000.0 for an int are converted),
+    or a ValueError naming the key, the value and the type it takes."""
+    try:
+        return _convert(value, annotation)
+    except (TypeError, ValueError):
+        raise ValueError(f"config value {key}={value!r} is not {_describe_type(annotation)}; set it with "
+                         f"--set {key}=VALUE") from None
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise TypeError
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeError
+        return tuple(_convert(v, a) for v, a in zip(value, args))
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        return value
+    raise TypeError(f"no check for {annotation!r}")
+
+
+def _describe_type(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if origin is tuple:
+        return ("a list of " + _describe_type(args[0]) + "s") if args[1:] == (Ellipsis,) else \
+            f"a list of {len(args)} values ({', '.join(_describe_type(a) for a in args)})"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, str(annotation))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
