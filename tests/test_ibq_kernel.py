@@ -73,6 +73,49 @@ def test_sharp_logits_at_the_real_scale_match_the_dense_reference(entropy_route)
     assert close(dz, ref_dz) and close(de, ref_de)
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_fp32_gradients_with_the_entropy_penalty_at_the_paper_scale_match_float64():
+    """K = 2^16 codes and tokens of D = 256, both N(0, 1) (N = 1024 to fit a CPU test): every term of the backward,
+    including the T = 0.01 entropy terms, which turn a logit error d into an error d / T in log q. The reference is
+    the chunked path in float64 (it equals the dense reference to ~1e-11, test above); a dense float64 run would
+    hold several (N, K) tensors of 512 MiB. fp32 measures ~1e-5 here."""
+    z, codebook, grad = data(1024, 65536, 256, scale=1.0, seed=5, dtype=torch.float64)
+    ref, ref_dz, ref_de = step(ibq_chunked, z, codebook, grad, 0.05)
+    out, dz, de = step(ibq_chunked, z.float(), codebook.float(), grad.float(), 0.05)
+    assert torch.equal(out.indices, ref.indices)
+    assert relative_error(dz, ref_dz) < 1e-4 and relative_error(de, ref_de) < 1e-4
+
+
+def test_backward_computes_the_logits_exactly_as_the_forward_under_shape_dependent_rounding(monkeypatch):
+    """The backward's log q = (l - m) / T - log q_sum mixes its recomputed logits with the forward's m and q_sum, so
+    it must compute l exactly as the forward did. A matmul library may round a product differently for operands of
+    another shape (cuBLAS picks its kernel by shape; this CPU's BLAS rounds every row alike, so without the fake
+    below no CPU test could tell). Here torch.mm is exact for the tokens' row count N and adds rounding-sized noise
+    (4e-6 relative) for any other: a backward that computed l in a product of another shape (say rows of a stacked
+    [z; G] E^T) would be ~50x further from float64 than fp32 rounding (measured: 5e-4 against 8e-6)."""
+    N = 64
+    z, codebook, grad = data(N, 1024, 256, scale=1.0, seed=6, dtype=torch.float64)
+    ref, ref_dz, ref_de = step(ibq_chunked, z, codebook, grad, 0.05, code_chunk=256)
+    mm = torch.mm
+
+    def shape_dependent_mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        result = mm(a, b, out=out)
+        if a.shape[0] == N:
+            return result
+        noise = torch.randn(result.shape, dtype=result.dtype,
+                            generator=torch.Generator().manual_seed(a.shape[0] * 1_000_003 + b.shape[1]))
+        return result.add_(noise.mul_(result.abs()).mul_(4e-6))
+
+    monkeypatch.setattr(torch, "mm", shape_dependent_mm)
+    out, dz, de = step(ibq_chunked, z.float(), codebook.float(), grad.float(), 0.05, code_chunk=256)
+    assert torch.equal(out.indices, ref.indices)
+    assert relative_error(dz, ref_dz) < 3e-5 and relative_error(de, ref_de) < 3e-5
+
+
 def test_float64_matches_the_reference_to_rounding_and_passes_gradcheck():
     z, codebook, grad = data(9, 13, 3, scale=1.0, dtype=torch.float64)
     ref, ref_dz, ref_de = step(ibq_dense, z, codebook, grad, 0.7)

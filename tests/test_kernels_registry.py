@@ -273,7 +273,7 @@ def test_use_overrides_ibq_kernel_option_and_bad_kernels_list_the_backends(calls
     with kernels.use("ibq_step", "chunked"):
         ibq_forward("dense", 1100)
     assert [name for _, name, _ in calls] == ["chunked"]
-    with pytest.raises(ValueError, match="kernel.*'auto', 'chunked', 'dense'"):
+    with pytest.raises(ValueError, match="kernel.*'auto', 'triton', 'chunked', 'dense'"):
         build_quantizer("ibq", codebook_size=10, dim=4, kernel="fastest")
 
 

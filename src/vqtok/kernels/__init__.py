@@ -14,8 +14,9 @@ reference is last and always applies. Files: registry.py (the registry, forcing,
 chunked torch search), numba_search.py (fused CPU search loop), kdtree.py (exact k-d tree for a frozen codebook),
 ibq.py (the IBQ step's result type and dense reference), chunked_ibq.py (the IBQ step over code chunks),
 chunking.py (chunk sizes and worker threads), triton/ (Triton kernels for CUDA, imported only when a triton backend
-runs; triton/search.py: the nearest code and maximum inner product). Layering: this package may import vqtok.core only (today it imports
-nothing from vqtok); the quantizers, benchmarks and everything above import it.
+runs: triton/search.py the nearest code and maximum inner product, triton/ibq.py the IBQ step). Layering: this
+package may import vqtok.core only (today it imports nothing from vqtok); the quantizers, benchmarks and everything
+above import it.
 """
 
 from .chunked_ibq import ibq_chunked

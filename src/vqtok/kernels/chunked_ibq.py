@@ -17,11 +17,16 @@ else has q below exp(EXP_FLOOR), the floor at which every exponent here is clamp
 token, so its column sums v_k are exact). Either gives C, c_k = dC / dv_k = -(log(v_k + eps) + v_k / (v_k + eps))
 and <q_n, c>.
 
-Backward recomputes l (and g, in the same matmul) per chunk and applies, with S = mean_n H(q_n),
-alpha = dL/dS / (N T) and beta = dL/dC / (N T):
+Backward recomputes l and g = G E^T per chunk and applies, with S = mean_n H(q_n), alpha = dL/dS / (N T) and
+beta = dL/dC / (N T):
     dl = p (g - <p, g>) - alpha q (log q + H(q_n)) + beta q (c - <q_n, c>)
     dz = sum_k dl_k e_k,   dE_k = sum_n dl_nk z_n + sum_n [k = k*_n] (G_n + G'_n)
 where G' is the upstream gradient of the hard path h E.
+Every pass computes a chunk's logits with one function, `_chunk_logits` (the same matmul on the same operands,
+shapes and buffers): the backward's log q = (l - m) / T - log q_sum combines its own l with the forward's m and
+q_sum, so a difference d in a recomputed logit becomes an error d / T in log q (100 d at T = 0.01). Matmul libraries
+may round the same products differently for operands of other shapes (cuBLAS picks its kernel by shape), so g is a
+separate matmul rather than rows of one stacked [z; G] E^T.
 Cost: 6 matmuls of z E^T's size (7 with the second pass); the dense path does as many plus ~20 passes over (N, K)
 tensors. Extra memory: a few (N, chunk) buffers per worker, the (K, D) codebook gradient, O(N D + K) statistics.
 
@@ -71,6 +76,12 @@ def ibq_chunked(
 
 
 # -- the equations on one chunk of codes ------------------------------------------------------------------------------
+def _chunk_logits(z: Tensor, e_blk: Tensor, buffer: Tensor) -> Tensor:
+    """l = z e_blk^T (N, width) into the buffer's first N * width elements. The only place any pass computes
+    logits: the backward must reproduce the forward's values bit for bit (see the module docstring)."""
+    return torch.mm(z, e_blk.T, out=buffer_view(buffer, z.shape[0], e_blk.shape[0]))
+
+
 @dataclass
 class _Softmax:
     """Online-softmax state over some codes, per token (N,): max logit m, its first index, p_sum = sum exp(l - m),
@@ -184,7 +195,7 @@ def _first_pass(z: Tensor, codebook: Tensor, temperature: float, chunk: int, ent
         for i in chunks:
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]  # (width, D)
-            logits = torch.mm(z, e_blk.T, out=buffer_view(logits_buffer, N, e_blk.shape[0]))  # (N, width)
+            logits = _chunk_logits(z, e_blk, logits_buffer)  # (N, width)
             m = logits.amax(dim=1)  # (N,) values only: the index is looked up where it matters
             index = _argmax_where(logits, m, state, k0, spare)
             if near is not None:  # every (n, k) that can still carry q mass, against this worker's running max
@@ -267,7 +278,7 @@ def _second_pass(z: Tensor, codebook: Tensor, stats: _Stats, temperature: float,
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]
             width = e_blk.shape[0]
-            logits = torch.mm(z, e_blk.T, out=buffer_view(logits_buffer, N, width))
+            logits = _chunk_logits(z, e_blk, logits_buffer)  # (N, width)
             q = torch.exp(_log_q(logits, stats, temperature), out=buffer_view(q_buffer, N, width))  # (N, width)
             part, c_blk = _codebook_entropy_terms(q.sum(dim=0) / N)  # from mean_n q (width,)
             entropy += part
@@ -288,24 +299,24 @@ def _backward(
     grad_hard is the upstream gradient of the hard path h E (None: none)."""
     N, K = z.shape[0], codebook.shape[0]
     entropy = alpha is not None
-    z_and_grad = torch.cat([z, grad_zq])  # (2N, D): l and g from one matmul
     p_dot_g = (grad_zq * stats.soft).sum(dim=1)  # (N,) <p, g> = G . (p E)
     # (N,) the per-token part of the entropy terms: -alpha H(q_n) - beta <q_n, c>
     entropy_scales = (alpha, beta, -alpha * stats.sample_entropy - beta * stats.q_dot_c) if entropy else None
     de = torch.empty_like(codebook) if need_de else None
     n_chunks = -(-K // chunk)
     workers = worker_count(n_chunks, z.device)
-    buffers = worker_buffers(workers, 2 * N * chunk, N * chunk if entropy else 0, like=z)
+    buffers = worker_buffers(workers, N * chunk, N * chunk, N * chunk if entropy else 0, like=z)
     dz = torch.zeros(workers, *z.shape, dtype=z.dtype, device=z.device) if need_dz else None  # one per worker
 
     def work(chunks: Iterable[int], worker: int) -> None:
-        both_buffer, log_q_buffer = buffers[worker]
+        logits_buffer, g_buffer, log_q_buffer = buffers[worker]
         for i in chunks:
             k0 = i * chunk
             e_blk = codebook[k0:k0 + chunk]
             width = e_blk.shape[0]
-            both = torch.mm(z_and_grad, e_blk.T, out=buffer_view(both_buffer, 2 * N, width))
-            dl = _chunk_logit_grad(both[:N], both[N:], k0, stats, p_dot_g, temperature, entropy_scales, log_q_buffer)
+            logits = _chunk_logits(z, e_blk, logits_buffer)  # (N, width): the forward's values exactly
+            g = torch.mm(grad_zq, e_blk.T, out=buffer_view(g_buffer, N, width))  # (N, width)
+            dl = _chunk_logit_grad(logits, g, k0, stats, p_dot_g, temperature, entropy_scales, log_q_buffer)
             if need_dz:
                 dz[worker].addmm_(dl, e_blk)  # (N, D)
             if need_de:

@@ -113,8 +113,8 @@ def _triton_applies(z: Tensor, codebook: Tensor, **_: Any) -> bool:
 def _kernels_interpreted() -> bool:
     # triton decides between compiler and interpreter when the kernel module is imported: if that happened without
     # TRITON_INTERPRET=1, its kernels cannot run on CPU tensors however the variable is set now.
-    module = sys.modules.get("vqtok.kernels.triton.search")
-    return module is None or bool(module.INTERPRET)
+    modules = [sys.modules.get(f"vqtok.kernels.triton.{name}") for name in ("search", "ibq")]
+    return all(module is None or bool(module.INTERPRET) for module in modules)
 
 
 def _triton_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
@@ -129,6 +129,14 @@ def _nearest_code_triton(z: Tensor, codebook: Tensor, **_: Any) -> tuple[Tensor,
 def _max_inner_product_triton(z: Tensor, codebook: Tensor, **_: Any) -> tuple[Tensor, Tensor]:
     from .triton.search import max_inner_product_triton
     return max_inner_product_triton(z, codebook)
+
+
+def _ibq_step_triton(z: Tensor, codebook: Tensor, temperature: float = 0.01, entropy: bool = True,
+                     **_: Any) -> IBQResult:
+    from .triton.ibq import ibq_triton  # imports triton: only when this backend runs
+
+    # code_chunk is not passed: in the Triton kernel a split holds (N, D) partial sums, so small splits cost memory
+    return ibq_triton(z, codebook, temperature, entropy=entropy)
 
 
 TRITON_REQUIRES = ("triton, float tensors on CUDA (or on the CPU with TRITON_INTERPRET=1, for tests) and no float64 "
@@ -161,6 +169,7 @@ BACKENDS: dict[str, tuple[Backend, ...]] = {
         Backend("dense", lambda z, codebook, **_: max_inner_product_dense(z, codebook)),
     ),
     "ibq_step": (
+        Backend("triton", _ibq_step_triton, _triton_applies, _triton_worthwhile, TRITON_REQUIRES),
         Backend("chunked", lambda z, codebook, temperature=0.01, entropy=True, code_chunk=None, **_: ibq_chunked(
             z, codebook, temperature, entropy=entropy, code_chunk=code_chunk), worthwhile=_ibq_chunked_worthwhile),
         Backend("dense", lambda z, codebook, temperature=0.01, **_: ibq_dense(z, codebook, temperature)),

@@ -1,6 +1,7 @@
 """Triton kernels of the registry's operations, for CUDA (and, for tests, the CPU through TRITON_INTERPRET=1).
 
-Files: search.py (nearest code by squared L2, maximum inner product). Importing this package imports nothing
+Files: search.py (nearest code by squared L2, maximum inner product), ibq.py (the IBQ step: row pass, column pass
+for the codebook entropy, backward recomputing the logits tile by tile). Importing this package imports nothing
 from triton: the kernel modules import triton themselves, and the registry imports them only when a triton backend
 runs, so that vqtok imports without triton. `available()` says whether triton can be imported; `interpreting()`
 whether its kernels would run on CPU tensors through the interpreter (TRITON_INTERPRET=1, which triton reads when
