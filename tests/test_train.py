@@ -203,6 +203,44 @@ def test_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, capsys, args, s
     assert len(err.splitlines()) == 1 and err.startswith("vqtok train: error:") and says in err, err
 
 
+def test_a_non_finite_loss_stops_training_before_any_checkpoint_holds_its_step(tmp_path):
+    """On an accelerator the finite check is a flag on the device, read at the next log or checkpoint; on the CPU it
+    is read at once. Either way save() refuses to write weights a non-finite loss has stepped."""
+    from vqtok.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config("steps=3"), tmp_path / "run", progress=False)
+    loss = trainer.model.encoder.conv_in.weight.sum() * float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        trainer._optimizer_step(trainer.opt_g, trainer.sched_g, trainer.g_params, loss)
+    with pytest.raises(FloatingPointError, match="--resume"):
+        trainer.save()
+    assert RunDir(tmp_path / "run").latest_checkpoint() is None
+
+
+def test_a_training_step_returns_tensors_and_the_log_reads_them(tmp_path):
+    """train_step leaves its losses on the device (no .item() per step); the log rows hold plain numbers."""
+    from vqtok.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config("steps=2", "log_every=2"), tmp_path / "run", progress=False)
+    x = torch.stack([trainer.train_set[i][0] for i in range(8)])
+    logs = trainer.train_step(x)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for k, v in logs.items() if k != "lr")
+    trainer.train()
+    rows = log_rows(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == [2] and isinstance(rows[0]["loss"], float) and rows[0]["images_per_s"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_and_eval_on_cuda(tmp_path):
+    run = tmp_path / "run"
+    overrides = [a for o in TINY + ["steps=4", "device=cuda"] for a in ("--set", o)]
+    assert cli_main(["train", *overrides, "--out", str(run), "--no-progress"]) == 0
+    assert cli_main(["eval", str(run), "--device", "cuda", "--no-fid", "--no-progress"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tokens"] == 16 * 64 and 0 < metrics["utilization"] <= 1 and metrics["psnr"] > 5
+
+
 def test_config_overrides_and_errors(tmp_path):
     config = load_config(None, ["optim.lr=1e-4", "optim.milestones=[10, 20]", "model.quantizer_options={l2_norm: true}"])
     assert config.optim.lr == pytest.approx(1e-4) and config.optim.milestones == (10, 20)

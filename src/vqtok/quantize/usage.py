@@ -33,12 +33,15 @@ class CodeUsage:
         flat = indices.detach().reshape(-1).long()
         if flat.numel() == 0:
             return self
-        low, high = int(flat.min()), int(flat.max())
-        if low < 0 or high >= self.codebook_size:
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
         if self.counts.device != flat.device:
             self.counts = self.counts.to(flat.device)
-        self.counts += torch.bincount(flat, minlength=self.codebook_size)
+        if flat.device.type == "cpu":
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= self.codebook_size:
+                raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+            self.counts += torch.bincount(flat, minlength=self.codebook_size)
+        else:  # no host sync on an accelerator (bincount reads the max to size its output); a bad index asserts there
+            self.counts.index_add_(0, flat, torch.ones_like(flat))
         return self
 
     def all_reduce(self) -> "CodeUsage":

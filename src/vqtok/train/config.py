@@ -80,6 +80,7 @@ class TrainConfig:
     steps: int = 1000  # total optimiser steps
     seed: int = 0
     bf16: bool = False  # bf16 autocast for the networks (the quantizer always computes in fp32)
+    tf32: bool = True  # on CUDA: fp32 matmuls/convolutions in TF32 (precision "high"); false: exact fp32
     ema_decay: float | None = None  # weight EMA used for evaluation (IBQ: 0.999); None: off
     log_every: int = 10
     checkpoint_every: int = 200

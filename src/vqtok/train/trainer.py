@@ -109,6 +109,7 @@ class Trainer:
         self.run = RunDir(run_dir)
         self.progress = progress
         self.device = distributed.init_from_env(config.device)
+        set_precision(self.device, config.tf32)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self._seed_everything(config.seed)
@@ -133,6 +134,7 @@ class Trainer:
         self.usage_train = CodeUsage(self.model.codebook_size)  # the last complete epoch, all ranks
         self.usage_train_local = CodeUsage(self.model.codebook_size)  # the same epoch, this rank only
         self.position = Position()
+        self._not_finite = torch.zeros((), dtype=torch.bool, device=self.device)
         if resume:
             self._resume()
         elif self.is_main:
@@ -227,6 +229,7 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self._raise_if_not_finite()  # a checkpoint never holds weights a non-finite loss has stepped
         state = self.trainer_state()  # collective (usage all-reduce): every rank builds it
         if self.is_main:
             ema = self.ema.state_dict(self.model) if self.ema else None
@@ -296,7 +299,7 @@ class Trainer:
         try:
             while self.position.step < stop and not interrupted:
                 for images, _ in self.epoch_loader():
-                    logs = self.train_step(images.to(self.device, non_blocking=True))
+                    logs = self.train_step(images.to(self.device, non_blocking=True))  # tensors: no host sync
                     self.position.step += 1
                     self.position.batch_in_epoch += 1
                     if self.position.batch_in_epoch == self.batches_per_epoch:
@@ -304,10 +307,12 @@ class Trainer:
                     images_since += images.shape[0] * self.world
                     step = self.position.step
                     if step % config.log_every == 0 or step == stop:
+                        self._raise_if_not_finite()  # the one read of the device per log interval
                         now = time.perf_counter()
-                        logs["images_per_s"] = images_since / max(now - last_log, 1e-9)
+                        row = {k: _item(v) for k, v in logs.items()}
+                        row["images_per_s"] = images_since / max(now - last_log, 1e-9)
                         last_log, images_since = now, 0
-                        self._log_train(logs, bar)
+                        self._log_train(row, bar)
                     if bar is not None:
                         bar.update(1)
                     if config.eval_every and step % config.eval_every == 0 and step < config.steps:
@@ -348,8 +353,10 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def train_step(self, x: Tensor) -> dict[str, float]:
-        """One generator step and, once the GAN has started, one discriminator step. x: (B, 3, H, W) in [0, 1]."""
+    def train_step(self, x: Tensor) -> dict[str, Tensor | float]:
+        """One generator step and, once the GAN has started, one discriminator step. x: (B, 3, H, W) in [0, 1].
+        Returns the step's losses as detached 0-dim tensors: reading them is left to the log interval, so a CUDA
+        step never waits for the host."""
         cfg = self.config.loss
         gan = self.disc is not None and self.position.step >= cfg.disc_start
         self.model.train()
@@ -357,40 +364,40 @@ class Trainer:
             out = self.model(x)
             x_hat = out.x_hat.float()
             rec = cfg.l1_weight * (x_hat - x).abs().mean() + cfg.l2_weight * F.mse_loss(x_hat, x)
-            logs = {"rec": _item(rec)}
+            logs = {"rec": rec.detach()}
             if self.perceptual is not None:
                 perceptual = self.perceptual(x_hat, x).mean()
                 rec = rec + cfg.perceptual_weight * perceptual
-                logs["perceptual"] = _item(perceptual)
+                logs["perceptual"] = perceptual.detach()
             loss = rec + out.quant_loss
             if gan:
                 self.disc.requires_grad_(False)
                 g_loss = G_LOSSES[cfg.gen_loss](self.disc(x_hat))
                 weight = adaptive_generator_weight(rec, g_loss, self.model.last_layer) if cfg.adaptive_weight else 1.0
                 loss = loss + cfg.disc_weight * weight * g_loss
-                logs.update(g_loss=_item(g_loss), g_weight=_item(weight))
+                logs.update(g_loss=g_loss.detach(), g_weight=torch.as_tensor(weight))
         self._optimizer_step(self.opt_g, self.sched_g, self.g_params, loss)
         if gan:
             logs.update(self._discriminator_step(x, x_hat.detach()))
         if self.ema is not None:
             self.ema.update(self.model)
         self.usage_epoch.update(out.quant.indices)
-        logs.update(loss=_item(loss), quant_loss=_item(out.quant_loss), lr=self.sched_g.get_last_lr()[0],
-                    **{f"q_{k}": _item(v) for k, v in out.quant.terms.items()})
+        logs.update(loss=loss.detach(), quant_loss=out.quant_loss.detach(), lr=self.sched_g.get_last_lr()[0],
+                    **{f"q_{k}": v.detach() for k, v in out.quant.terms.items()})
         return logs
 
-    def _discriminator_step(self, x: Tensor, x_hat: Tensor) -> dict[str, float]:
+    def _discriminator_step(self, x: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
         cfg = self.config.loss
         self.disc.requires_grad_(True)
         with self.autocast():
             logits_real = self.disc(x).float()
             logits_fake = self.disc(x_hat).float()
             d_loss = D_LOSSES[cfg.disc_loss](logits_real, logits_fake)
-            logs = {"d_loss": _item(d_loss)}
+            logs = {"d_loss": d_loss.detach()}
             if self.lecam is not None:
                 lecam = self.lecam(logits_real, logits_fake)
                 d_loss = d_loss + cfg.lecam_weight * lecam
-                logs["lecam"] = _item(lecam)
+                logs["lecam"] = lecam.detach()
         self._optimizer_step(self.opt_d, self.sched_d, list(self.disc.parameters()), d_loss)
         return logs
 
@@ -405,10 +412,11 @@ class Trainer:
         return [g for g in groups if g["params"]]
 
     def _optimizer_step(self, opt, sched, params: list[nn.Parameter], loss: Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {_item(loss)} at step {self.position.step}; lower optim.lr (small "
-                                     "batches need a smaller one, SEED-Voken #53) or set optim.grad_clip; resume "
-                                     "from the last checkpoint with --resume")
+        # Non-finite losses are flagged on the device and raised at the next log or checkpoint (at once on the CPU,
+        # where reading a scalar costs nothing).
+        self._not_finite |= ~torch.isfinite(loss.detach())
+        if self.device.type == "cpu":
+            self._raise_if_not_finite()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.all_reduce_mean_grads_(params)
@@ -416,6 +424,12 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
         opt.step()
         sched.step()
+
+    def _raise_if_not_finite(self) -> None:
+        if bool(self._not_finite):
+            raise FloatingPointError(f"a loss was not finite at or before step {self.position.step}; lower optim.lr "
+                                     "(small batches need a smaller one) or set optim.grad_clip, and resume from the "
+                                     "last checkpoint with --resume")
 
     # -- evaluation and logs --------------------------------------------------------------------------------------
     def eval_model(self) -> Tokenizer:
@@ -475,6 +489,16 @@ class Trainer:
 
 def _item(value: Tensor | float) -> float:
     return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+
+def set_precision(device: torch.device, tf32: bool) -> None:
+    """On CUDA, fp32 matmuls and convolutions in TF32 (tf32=True: matmul precision "high", cuDNN TF32) or exact
+    fp32 ("highest"). Process-wide, as torch's settings are; the CPU is left alone. The quantizers' kernels read the
+    same setting (torch.get_float32_matmul_precision) for their logits."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
 
 
 def capture_rng_state() -> dict[str, Any]:
