@@ -287,7 +287,8 @@ class Trainer:
         entropy = np.random.SeedSequence([self.config.seed, self.position.epoch, self.rank]).generate_state(2)
         generator = torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
         return DataLoader(self.train_set, batch_sampler=list(self.epoch_batches()),
-                          num_workers=self.config.data.num_workers, generator=generator)
+                          num_workers=self.config.data.num_workers, generator=generator,
+                          pin_memory=self.device.type == "cuda")  # pinned: the non_blocking copy overlaps
 
     def train(self, until: int | None = None) -> dict[str, Any]:
         """Train to config.steps (or stop after step `until`, checkpointed, to be resumed later)."""
