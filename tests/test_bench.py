@@ -8,8 +8,9 @@ import math
 import re
 
 import pytest
+import torch
 
-from vqtok import bench
+from vqtok import bench, kernels
 from vqtok.bench import BenchConfig, format_bench_table, measure, run_quantize_bench
 from vqtok.bench_command import add_subcommand
 
@@ -102,10 +103,11 @@ def test_the_cuda_benchmark_parses_and_formats_without_a_gpu():
     from vqtok.bench_command import config_from_args
 
     config = config_from_args(parser.parse_args(["bench", "quantize", "--device", "cuda"]))
-    assert config.device == "cuda" and config.tokens == 8192 and config.methods == ("search",)
-    assert config.max_dense_gib == 64
-    assert bench.cuda_cells(config) == [("search", K, D) for K, D in bench.CUDA_CELLS]
-    assert (100_000, 8) in bench.CUDA_CELLS and (1_048_576, 256) in bench.CUDA_CELLS
+    assert config.device == "cuda" and config.tokens == 8192 and config.methods == ("search", "ibq_step")
+    assert config.max_dense_gib == 64 and config.ibq_tokens == 4096
+    assert bench.cuda_cells(config) == [(m, K, D) for m in ("search", "ibq_step") for K, D in bench.CUDA_CELLS[m]]
+    assert (100_000, 8) in bench.CUDA_CELLS["search"] and (1_048_576, 256) in bench.CUDA_CELLS["search"]
+    assert {(16_384, 256), (262_144, 256), (1_048_576, 256)} <= set(bench.CUDA_CELLS["ibq_step"])
     assert config_from_args(parser.parse_args(["bench", "quantize"])).device == "cpu"
     with pytest.raises(ValueError, match="on cuda only"):
         BenchConfig(methods=("vq",), device="cuda")
@@ -117,3 +119,26 @@ def test_the_cuda_benchmark_parses_and_formats_without_a_gpu():
     row["ratios"]["chunked_over_triton"] = 10.0
     table = bench.format_cuda_table([row])
     assert "triton ms" in table.splitlines()[0] and "10.00" in table.splitlines()[1]
+
+
+def test_the_cuda_ibq_rows_step_each_backend_forward_and_backward():
+    """The closures the GPU benchmark times, run here on CPU tensors (Triton through the interpreter, set by
+    tests/conftest.py): each takes one IBQ step forward + backward through the forced backend and frees its
+    gradients; the forced backend is the one that ran."""
+    torch.manual_seed(0)
+    z, codebook = torch.randn(6, 8), torch.randn(40, 8)
+    ran = []
+    real = kernels.dispatch
+
+    def recording(op, *args, **options):
+        ran.append(kernels.choose(op, *args, **{k: v for k, v in options.items() if k != "backend"}))
+        return real(op, *args, **options)
+
+    names = ("triton", "triton_tf32", "chunked", "dense")
+    paths = bench.ibq_step_paths(z, codebook, names)
+    assert list(paths) == list(names)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels.registry, "dispatch", recording)
+        for name, call in paths.items():
+            call()
+    assert ran == ["triton", "triton", "chunked", "dense"]

@@ -50,11 +50,15 @@ DENSE_MAX_CODES = 262_144  # larger sizes run the chunked paths (plus faiss and 
 DENSE_FACTOR = {"search": 3, "cdist": 2, "vq": 3, "fc": 3, "ema": 3, "lc": 3, "ibq": 6.5, "ibq_step": 6.5, "vqp": 6.5}
 LC_FEATURES = 768  # VQGAN-LC's codebook: CLIP ViT-L/14 features
 DENSE = {op: "dense" for op in kernels.OPS}  # the "dense" paths: every kernel operation on its dense reference
-# --device cuda: the search rows on the GPU (IBQ rows join CUDA_METHODS when its Triton kernel is benchmarked).
-CUDA_METHODS = ("search",)
-CUDA_CELLS = ((16_384, 8), (16_384, 256), (100_000, 8), (262_144, 8), (262_144, 256), (1_048_576, 8),
-              (1_048_576, 256))  # (K, D) of the default CUDA grid
-CUDA_TOKENS = 8192
+# --device cuda: the search rows and the IBQ step (forward + backward with the entropy penalty) on the GPU.
+CUDA_METHODS = ("search", "ibq_step")
+CUDA_CELLS = {  # (K, D) of the default CUDA grid, per method
+    "search": ((16_384, 8), (16_384, 256), (100_000, 8), (262_144, 8), (262_144, 256), (1_048_576, 8),
+               (1_048_576, 256)),
+    "ibq_step": ((16_384, 256), (262_144, 8), (262_144, 256), (1_048_576, 256)),
+}
+CUDA_TOKENS = 8192  # search rows
+CUDA_IBQ_TOKENS = 4096  # ibq_step rows (IBQ's batch of 16 images of 16 x 16 tokens x 16 GPUs' worth)
 CUDA_MATMUL_BLOCK_BYTES = 4 * 2**30  # the bare matmul runs in code blocks whose (N, codes) output is at most this
 
 
@@ -73,7 +77,8 @@ class BenchConfig:
     faiss_everywhere: bool = False  # faiss is a bare search: by default it is timed on the "search" rows only
     lc_features: int = LC_FEATURES
     seed: int = 0
-    device: str = "cpu"  # "cuda": the GPU search rows (run_cuda_search_bench), not the CPU grid
+    device: str = "cpu"  # "cuda": the GPU rows (run_cuda_search_bench), not the CPU grid
+    ibq_tokens: int = CUDA_IBQ_TOKENS  # --device cuda: N of the ibq_step rows
 
 
     def __post_init__(self) -> None:
@@ -515,7 +520,7 @@ def format_bench_table(rows: list[dict[str, Any]]) -> str:
 
 
 # -- the GPU: `vqtok bench quantize --device cuda` -----------------------------------------------------------------
-# Each row (K, D) times nearest_code on N tokens of fp32 on the GPU, each path forced through the kernel registry:
+# Each search row (K, D) times nearest_code on N tokens of fp32 on the GPU, each path forced through the registry:
 # - triton: the Triton kernel at the default precision ("highest": exact fp32 products); triton_tf32: the same
 #   with torch.set_float32_matmul_precision("high") (TF32 products);
 # - chunked: the torch chunked path (blocks sized for the GPU); dense: the (N, K) reference;
@@ -524,8 +529,7 @@ def format_bench_table(rows: list[dict[str, Any]]) -> str:
 # Times: CUDA events around each call, median of the repeats after a warm-up call (compiles and autotunes the
 # Triton kernel). Memory: torch.cuda.max_memory_allocated above the allocation before the call, after
 # reset_peak_memory_stats. Dense and cdist run only where their predicted memory fits (_dense_rule).
-# The IBQ rows (the Triton IBQ step) belong here too: add "ibq_step" to CUDA_METHODS and its paths to
-# `_cuda_row_paths` (triton / chunked / dense backends of kernels.ibq_step, forward and forward+backward).
+# Each ibq_step row times one IBQ step forward + backward (ibq_step_paths) on N = ibq_tokens tokens, per backend.
 CUDA_PATHS = ("triton", "triton_tf32", "chunked", "dense", "cdist", "matmul", "matmul_tf32")
 
 
@@ -543,14 +547,39 @@ def _matmul_precision(precision: str) -> Iterator[None]:
 def cuda_cells(config: BenchConfig) -> list[tuple[str, int, int]]:
     """(method, K, D) rows of the CUDA benchmark: CUDA_CELLS unless sizes or dims are given (then their grid)."""
     if config.sizes == SIZES and config.dims is None:
-        return [(m, K, D) for m in config.methods for K, D in CUDA_CELLS]
+        return [(m, K, D) for m in config.methods for K, D in CUDA_CELLS[m]]
     return [(m, K, D) for m in config.methods for K in config.sizes for D in (config.dims or DIMS)]
 
 
-def _cuda_row_paths(K: int, D: int, config: BenchConfig, notes: list[str]) -> tuple[dict[str, Callable], int]:
-    """{path name: call} for one search row on the GPU, and how many blocks the bare matmul runs in."""
+def ibq_step_paths(z: Tensor, codebook: Tensor, backends: tuple[str, ...]) -> dict[str, Callable[[], None]]:
+    """{backend or backend_tf32: call}: one IBQ step forward + backward through the registry, the loss IBQ trains
+    with downstream (<z_q, G> + <h E, G> + 0.05 (mean H(q_n) - H(mean q))), gradients to z and the codebook (freed
+    after each call). "<name>_tf32" runs under matmul precision "high"."""
+    z = z.detach().clone().requires_grad_(True)
+    codebook = codebook.detach().clone().requires_grad_(True)
+    head = torch.randn_like(z)
+
+    def step(backend: str, precision: str) -> Callable[[], None]:
+        def call() -> None:
+            with kernels.use("ibq_step", backend), _matmul_precision(precision):
+                out = kernels.ibq_step(z, codebook, temperature=0.01)
+                loss = ((out.z_q + out.hard) * head).sum() + 0.05 * (out.sample_entropy - out.codebook_entropy)
+                loss.backward()
+            z.grad = codebook.grad = None
+        return call
+
+    paths = {}
+    for name in backends:
+        base = name.removesuffix("_tf32")
+        paths[name] = step(base, "high" if name.endswith("_tf32") else "highest")
+    return paths
+
+
+def _cuda_row_paths(method: str, K: int, D: int, config: BenchConfig,
+                    notes: list[str]) -> tuple[dict[str, Callable], int, int]:
+    """{path name: call} for one row on the GPU, how many blocks the bare matmul runs in, and N."""
     torch.manual_seed(config.seed)
-    N = config.tokens
+    N = config.ibq_tokens if method == "ibq_step" else config.tokens
     z, codebook = torch.randn(N, D, device="cuda"), torch.randn(K, D, device="cuda")
     fits = _dense_rule(K, config, notes)
 
@@ -571,18 +600,24 @@ def _cuda_row_paths(K: int, D: int, config: BenchConfig, notes: list[str]) -> tu
                     torch.mm(z, e.T, out=out[:, :e.shape[0]])  # (N, codes)
         return call
 
-    paths: dict[str, Callable] = {}
-    if kernels.backends("nearest_code")[0] == "triton" and kernels.BACKENDS["nearest_code"][0].applies(z, codebook):
-        paths["triton"], paths["triton_tf32"] = search("triton"), search("triton", "high")
-    else:
+    op = "ibq_step" if method == "ibq_step" else "nearest_code"
+    triton = kernels.backends(op)[0] == "triton" and kernels.BACKENDS[op][0].applies(z, codebook)
+    if not triton:
         notes.append("triton is not installed: no triton columns")
-    paths["chunked"] = search("chunked")
-    if fits("search"):
-        paths["dense"] = search("dense")
-    if fits("cdist"):
-        paths["cdist"] = lambda: torch.cdist(z, codebook).argmin(dim=1)
+    if method == "ibq_step":
+        names = (("triton", "triton_tf32") if triton else ()) + ("chunked",) + (("dense",) if fits("ibq_step") else ())
+        paths: dict[str, Callable] = dict(ibq_step_paths(z, codebook, names))
+    else:
+        paths = {}
+        if triton:
+            paths["triton"], paths["triton_tf32"] = search("triton"), search("triton", "high")
+        paths["chunked"] = search("chunked")
+        if fits("search"):
+            paths["dense"] = search("dense")
+        if fits("cdist"):
+            paths["cdist"] = lambda: torch.cdist(z, codebook).argmin(dim=1)
     paths["matmul"], paths["matmul_tf32"] = matmul("highest"), matmul("high")
-    return paths, -(-K // block)
+    return paths, -(-K // block), N
 
 
 def _cuda_time(call: Callable[[], Any], repeats: int) -> tuple[list[float], float]:
@@ -610,8 +645,9 @@ def cuda_bench_row(method: str, K: int, D: int, config: BenchConfig) -> dict[str
     """One search row on the GPU: each path's median ms and peak extra MiB, and ratios over the triton path."""
     notes: list[str] = []
     started = time.perf_counter()
-    paths, blocks = _cuda_row_paths(K, D, config, notes)
-    row: dict[str, Any] = {"method": method, "codebook_size": K, "dim": D, "tokens": config.tokens}
+    paths, blocks, N = _cuda_row_paths(method, K, D, config, notes)
+    row: dict[str, Any] = {"method": method, "codebook_size": K, "dim": D, "tokens": N,
+                           "timed": "forward + backward" if method == "ibq_step" else "forward"}
     for name, call in paths.items():
         try:
             times, peak = _cuda_time(call, config.repeats)
@@ -678,5 +714,7 @@ def format_cuda_table(rows: list[dict[str, Any]]) -> str:
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     notes = sorted({n for r in rows for n in r["notes"]})
     footer = ["", "times: median ms (CUDA events); MiB: peak extra GPU memory; x<path>: its time / triton's "
-              "(> 1: triton faster); *_tf32: torch.set_float32_matmul_precision('high')"]
+              "(> 1: triton faster); *_tf32: torch.set_float32_matmul_precision('high')",
+              "search rows: nearest_code forward; ibq_step rows: forward + backward with the entropy penalty (MiB "
+              "includes dz and dE); matmul: one bare z @ E^T (the floor of any exact method)"]
     return "\n".join(text + footer + [f"note: {n}" for n in notes])

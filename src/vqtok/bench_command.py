@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .bench import (
-    CASES, CUDA_CELLS, CUDA_METHODS, CUDA_TOKENS, DIMS, EXTRA_CASES, LARGE_SIZES, QUICK, SIZES, BenchConfig,
+    CASES, CUDA_CELLS, CUDA_IBQ_TOKENS, CUDA_METHODS, CUDA_TOKENS, DIMS, EXTRA_CASES, LARGE_SIZES, QUICK, SIZES, BenchConfig,
     format_bench_table, format_cuda_table, run_cuda_search_bench, run_quantize_bench, write_results,
 )
 
@@ -17,7 +17,7 @@ EPILOG = """examples:
   vqtok bench quantize --quick                           # a tiny grid in seconds (what the tests run)
   vqtok bench quantize --sizes 1024 16384 100000 262144 1048576 --dims 8 256   # the full grid (hours)
   python benchmarks/bench_quantize.py                    # the kernel targets, checked one by one
-  vqtok bench quantize --device cuda --json cuda.json    # the search on the GPU: triton vs chunked, cdist, matmul
+  vqtok bench quantize --device cuda --json cuda.json    # search and IBQ step on the GPU: triton vs chunked, matmul
 
 Times are medians of up to --repeats runs after a warm-up, all paths of a row interleaved so a shared machine's
 load hits them alike (a call slower than --slow-seconds keeps its warm-up as a sample; no new round starts after
@@ -64,10 +64,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                           help="skip a dense reference whose predicted memory exceeds this (default: 12; "
                                f"{CUDA_MAX_DENSE_GIB:g} with --device cuda)")
     quantize.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                          help="cpu (default): the grid above; cuda: nearest_code on the GPU, N = "
-                               f"{CUDA_TOKENS} tokens, (K, D) in {' '.join(f'{K}x{D}' for K, D in CUDA_CELLS)} "
-                               "unless --sizes/--dims are given, columns triton (fp32 and TF32), chunked, dense, "
-                               "cdist+argmin, bare matmul (fp32 and TF32)")
+                          help="cpu (default): the grid above; cuda: nearest_code on the GPU (N = "
+                               f"{CUDA_TOKENS}, (K, D) in {' '.join(f'{K}x{D}' for K, D in CUDA_CELLS['search'])}) "
+                               f"and the IBQ step forward + backward (N = {CUDA_IBQ_TOKENS}, (K, D) in "
+                               f"{' '.join(f'{K}x{D}' for K, D in CUDA_CELLS['ibq_step'])}) unless --sizes/--dims "
+                               "are given; columns triton (fp32 and TF32), chunked, dense, cdist+argmin (search), "
+                               "bare matmul (fp32 and TF32)")
     quantize.add_argument("--faiss-everywhere", action="store_true",
                           help="time faiss's exact search on the quantizer rows too (default: 'search' rows only)")
     quantize.add_argument("--quick", action="store_true",
