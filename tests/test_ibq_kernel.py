@@ -182,6 +182,9 @@ def test_automatic_chunk_bounds_the_buffers_and_bad_input_is_refused():
     assert ibq_code_chunk(4096, 1_000_000) * 4096 <= chunking.CHUNK_ELEMENTS
     assert ibq_code_chunk(1, 500) == 500 and ibq_code_chunk(10**7, 10**6) == chunking.MIN_CODE_CHUNK
     assert ibq_code_chunk(10, 100, code_chunk=7) == 7
+    # on an accelerator the chunk is sized by a memory budget, not the CPU's cache-sized 4 MiB
+    assert ibq_code_chunk(4096, 1_000_000, device="cuda") * 4096 == chunking.DEVICE_CHUNK_ELEMENTS
+    assert ibq_code_chunk(4096, 1_000_000, device="cpu") == ibq_code_chunk(4096, 1_000_000)
     z, codebook, _ = data(4, 6, 3)
     with pytest.raises(ValueError, match="positive"):
         ibq_chunked(z, codebook, code_chunk=0)

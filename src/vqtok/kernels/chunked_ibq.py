@@ -69,7 +69,7 @@ def ibq_chunked(
                          f"got N={z.shape[0]}, K={codebook.shape[0]}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    chunk = ibq_code_chunk(z.shape[0], codebook.shape[0], code_chunk)
+    chunk = ibq_code_chunk(z.shape[0], codebook.shape[0], code_chunk, z.device)
     z_q, hard, indices, sample_entropy, codebook_entropy = _IBQFunction.apply(
         z, codebook, float(temperature), chunk, entropy)
     return IBQResult(z_q, indices, sample_entropy, codebook_entropy, hard)

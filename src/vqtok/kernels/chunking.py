@@ -25,6 +25,7 @@ MIN_SEARCH_CODE_CHUNK = 256  # narrower blocks make the per-block overhead domin
 # The chunked IBQ step: every token against one chunk of codes at a time (a chunk's column sums must be exact).
 CHUNK_ELEMENTS = 1024 * 1024  # elements of one (N x codes) buffer: 4 MiB in fp32; a few live per worker
 MIN_CODE_CHUNK = 64
+DEVICE_CHUNK_ELEMENTS = 16 * 1024 * 1024  # on an accelerator: 64 MiB per (N x codes) buffer, a few live at once
 
 
 def search_chunks(n_tokens: int, n_codes: int, token_chunk: int | None = None,
@@ -41,13 +42,17 @@ def search_chunks(n_tokens: int, n_codes: int, token_chunk: int | None = None,
     return tokens, min(codes, max(n_codes, 1))
 
 
-def ibq_code_chunk(n_tokens: int, n_codes: int, code_chunk: int | None = None) -> int:
-    """Codes per chunk of the IBQ step: about CHUNK_ELEMENTS / N (at least MIN_CODE_CHUNK, at most K) unless given."""
+def ibq_code_chunk(n_tokens: int, n_codes: int, code_chunk: int | None = None,
+                   device: torch.device | str | None = None) -> int:
+    """Codes per chunk of the IBQ step unless given: about CHUNK_ELEMENTS / N on the CPU (and when no device is
+    named), DEVICE_CHUNK_ELEMENTS / N on any other device; at least MIN_CODE_CHUNK, at most K."""
     if code_chunk is not None:
         if int(code_chunk) < 1:
             raise ValueError(f"code_chunk must be a positive integer, got {code_chunk}")
         return min(int(code_chunk), n_codes)
-    return min(n_codes, max(MIN_CODE_CHUNK, CHUNK_ELEMENTS // max(n_tokens, 1)))
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    budget = CHUNK_ELEMENTS if on_cpu else DEVICE_CHUNK_ELEMENTS
+    return min(n_codes, max(MIN_CODE_CHUNK, budget // max(n_tokens, 1)))
 
 
 def worker_count(n_items: int, device: torch.device) -> int:
