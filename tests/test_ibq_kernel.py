@@ -210,6 +210,7 @@ def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         out = model(rank_batch(rank))
         (out.loss + out.z_q.square().mean()).backward()
         torch.save(model.module.codebook.grad, f"{out_dir}/grad{rank}.pt")
+        dist.barrier()  # no rank tears its gloo context down while the other may still be talking to it
     finally:
         dist.destroy_process_group()
 
