@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunking import buffer_view, ibq_code_chunk, run_workers, worker_buffers, worker_count
-from .ibq import CODEBOOK_ENTROPY_EPS, IBQResult
+from .ibq import CODEBOOK_ENTROPY_EPS, IBQResult, entropy_grad_scales
 
 NEAR_PER_TOKEN = 16  # entries near the max kept per token (on average) before falling back to the second pass
 # Exponents are clamped from below before exp: exp(-64) = 1.6e-28 of the largest term is far below fp32's resolution
@@ -364,12 +364,7 @@ class _IBQFunction(torch.autograd.Function):
             return None, None, None, None, None
         with torch.no_grad(), torch.autocast(device_type=zc.device.type, enabled=False):
             grad_zq = torch.zeros_like(zc) if grad_zq is None else grad_zq.to(zc.dtype).contiguous()
-            alpha = beta = None
-            if ctx.entropy and (grad_sample is not None or grad_codebook is not None):
-                scale = 1.0 / (zc.shape[0] * ctx.temperature)
-                zero = zc.new_zeros(())
-                alpha = (zero if grad_sample is None else grad_sample.to(zc.dtype)) * scale
-                beta = (zero if grad_codebook is None else grad_codebook.to(zc.dtype)) * scale
+            alpha, beta = entropy_grad_scales(ctx.entropy, grad_sample, grad_codebook, zc.shape[0], ctx.temperature, zc)
             grad_hard = None if grad_hard is None else grad_hard.to(zc.dtype)
             dz, de = _backward(zc, ec, ctx.stats, grad_zq, grad_hard, alpha, beta, ctx.temperature, ctx.chunk,
                                need_dz, need_de)

@@ -43,3 +43,17 @@ def ibq_dense(z: Tensor, codebook: Tensor, temperature: float = 0.01) -> IBQResu
     avg_q = q.mean(dim=0)  # (K,)
     codebook_entropy = -(avg_q * (avg_q + CODEBOOK_ENTROPY_EPS).log()).sum()
     return IBQResult(z_q, indices, sample_entropy, codebook_entropy, hard)
+
+
+def entropy_grad_scales(entropy: bool, grad_sample: Tensor | None, grad_codebook: Tensor | None, n_tokens: int,
+                        temperature: float, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(alpha, beta) for a backward pass: the upstream gradients of the mean sample entropy and of the codebook
+    entropy, each times 1 / (N T), the factor every logit's entropy gradient carries; (None, None) when the entropies
+    were not computed or get no gradient. Scalars of like's dtype and device."""
+    if not entropy or (grad_sample is None and grad_codebook is None):
+        return None, None
+    scale = 1.0 / (n_tokens * temperature)
+    zero = like.new_zeros(())
+    alpha = (zero if grad_sample is None else grad_sample.to(like.dtype)) * scale
+    beta = (zero if grad_codebook is None else grad_codebook.to(like.dtype)) * scale
+    return alpha, beta

@@ -55,16 +55,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ..chunked_ibq import EXP_FLOOR
-from ..ibq import CODEBOOK_ENTROPY_EPS, IBQResult
-from . import interpreting
+from ..ibq import CODEBOOK_ENTROPY_EPS, IBQResult, entropy_grad_scales
+from . import interpreting, split_count
 
 INTERPRET = interpreting()  # read once: triton.jit below decides between the compiler and the interpreter now
 NO_INDEX = 2**31 - 1  # the index an empty split reports; it loses every tie
 _NO_INDEX = tl.constexpr(NO_INDEX)
 _FLOOR = tl.constexpr(EXP_FLOOR[torch.float32])
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}  # the one config under the interpreter (small tiles: fast tests)
-PROGRAMS_PER_SM = 4  # programs to aim for per SM in the split grids
-MIN_SPLIT_CODES = 64 if INTERPRET else 2048  # the fewest codes a split scans (fewer make the merges dominate)
 
 
 def _configs() -> list[triton.Config]:
@@ -319,17 +317,6 @@ def input_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def split_count(n_tokens: int, n_codes: int, device: torch.device, block_n: int = 64) -> int:
-    """Code splits of the (token block, split) grids: about PROGRAMS_PER_SM programs per SM, each split scanning at
-    least MIN_SPLIT_CODES codes."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = PROGRAMS_PER_SM
-    token_blocks = triton.cdiv(max(n_tokens, 1), block_n)
-    return max(1, min(triton.cdiv(target, token_blocks), triton.cdiv(n_codes, MIN_SPLIT_CODES)))
-
-
 def _bucket(n: int) -> int:
     return max(int(n), 1).bit_length()  # power-of-two bucket for autotuning
 
@@ -474,12 +461,7 @@ class _IBQTritonFunction(torch.autograd.Function):
             return None, None, None, None, None
         with torch.no_grad(), torch.autocast(device_type=zc.device.type, enabled=False):
             grad_zq = torch.zeros_like(zc) if grad_zq is None else grad_zq.to(torch.float32).contiguous()
-            alpha = beta = None
-            if ctx.entropy and (grad_sample is not None or grad_codebook is not None):
-                scale = 1.0 / (zc.shape[0] * ctx.temperature)
-                zero = zc.new_zeros(())
-                alpha = (zero if grad_sample is None else grad_sample.to(torch.float32)) * scale
-                beta = (zero if grad_codebook is None else grad_codebook.to(torch.float32)) * scale
+            alpha, beta = entropy_grad_scales(ctx.entropy, grad_sample, grad_codebook, zc.shape[0], ctx.temperature, zc)
             grad_hard = None if grad_hard is None else grad_hard.to(torch.float32)
             with _on(zc.device):
                 dz, de = _backward(zc, ec, ctx.step, grad_zq, grad_hard, alpha, beta, grad_codebook is not None,

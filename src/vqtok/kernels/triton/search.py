@@ -34,15 +34,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ..search import check_search_inputs, in_search_dtype, search_dtype, squared_norms
-from . import interpreting
+from . import interpreting, split_count
 
 INTERPRET = interpreting()  # read once: triton.jit below decides between the compiler and the interpreter now
 NO_INDEX = 2**31 - 1  # the index an empty split reports; it loses every tie
 _NO_INDEX = tl.constexpr(NO_INDEX)  # the same, readable inside kernels
 INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}  # the one config under the interpreter (small tiles: fast tests)
 # How many programs to aim for per SM, and the fewest codes a split scans (fewer make the merge dominate).
-PROGRAMS_PER_SM = 4
-MIN_SPLIT_CODES = 64 if INTERPRET else 2048
 ONE_SLICE_MAX_D = 64  # up to this D (padded to a power of two >= 16) a token tile is loaded once, in one slice
 SLICE_D = 32  # beyond it D is consumed in slices of this many dims
 
@@ -126,17 +124,6 @@ _search_tuned = _search_kernel if INTERPRET else triton.autotune(
 def input_precision() -> str:
     """tl.dot's input_precision for fp32 inputs, from torch.get_float32_matmul_precision() (see the docstring)."""
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def split_count(n_tokens: int, n_codes: int, device: torch.device, block_n: int = 64) -> int:
-    """Code splits of the grid: enough programs for PROGRAMS_PER_SM per SM with token blocks of block_n, each split
-    scanning at least MIN_SPLIT_CODES codes."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = PROGRAMS_PER_SM
-    token_blocks = triton.cdiv(max(n_tokens, 1), block_n)
-    return max(1, min(triton.cdiv(target, token_blocks), triton.cdiv(n_codes, MIN_SPLIT_CODES)))
 
 
 def _merge(values: Tensor, indices: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
