@@ -568,11 +568,8 @@ def ibq_step_paths(z: Tensor, codebook: Tensor, backends: tuple[str, ...]) -> di
             z.grad = codebook.grad = None
         return call
 
-    paths = {}
-    for name in backends:
-        base = name.removesuffix("_tf32")
-        paths[name] = step(base, "high" if name.endswith("_tf32") else "highest")
-    return paths
+    return {name: step(name.removesuffix("_tf32"), "high" if name.endswith("_tf32") else "highest")
+            for name in backends}
 
 
 def _cuda_row_paths(method: str, K: int, D: int, config: BenchConfig,

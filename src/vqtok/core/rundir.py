@@ -52,9 +52,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     # -- file names -----------------------------------------------------------------------------------------------
     config = property(lambda self: self.path / self.CONFIG)
     model = property(lambda self: self.path / self.MODEL)
@@ -101,13 +98,6 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-    def read_log(self, event: str | None = None) -> list[dict[str, Any]]:
-        """The rows of metrics.jsonl (those of one `event`, if given); [] when there is no log."""
-        if not self.log.is_file():
-            return []
-        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
-        return [r for r in rows if event is None or r.get("event") == event]
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, model_state: dict[str, Tensor], ema_state: dict[str, Tensor] | None,

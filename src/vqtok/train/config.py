@@ -128,7 +128,7 @@ def checked_value(value: Any, annotation: Any, key: str) -> Any:
     or a ValueError naming the key, the value and the type it takes."""
     try:
         return _convert(value, annotation)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"config value {key}={value!r} is not {_describe_type(annotation)}; set it with "
                          f"--set {key}=VALUE") from None
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..core import distributed
 from ..core.rundir import RunDir
 from ..data import describe_dataset
+from ..metrics.report import write_run_report
 from ..models import (
     LeCAM,
     NLayerDiscriminator,
@@ -47,7 +48,6 @@ from ..models import (
 )
 from ..quantize import CodeUsage
 from .config import TrainConfig
-from ..metrics.report import write_run_report
 
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 G_LOSSES = {"hinge": hinge_g_loss, "non-saturating": non_saturating_g_loss}
