@@ -183,6 +183,7 @@ def test_resume_refuses_a_trainer_state_that_would_need_unpickling(tmp_path, cap
 @pytest.mark.parametrize("args, says", [
     (["--set", "optim.lr=abc"], "optim.lr='abc' is not a number"),
     (["--set", "data.batch_size=8.5"], "data.batch_size=8.5 is not an integer"),
+    (["--set", "steps=.inf"], "steps=inf is not an integer"),
     (["--set", "optim.betas=[0.5]"], "optim.betas=[0.5] is not a list of 2 values"),
     (["--set", "model.quantizr=vq"], "unknown config key"),
     (["--set", "model.quantizer=lc", "--set", "model.quantizer_options={codebook: CODEBOOK}"], "not a readable"),
