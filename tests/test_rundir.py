@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vqtok.core.rundir import RunDir
-from vqtok.train.trainer import capture_rng_state, restore_rng_state
+from vqtok.train.loop import capture_rng_state, restore_rng_state
 
 
 def usage_state(counts: list[int]) -> dict:

@@ -104,7 +104,8 @@ def test_each_epoch_draws_new_random_crops(tmp_path, monkeypatch):
 
     seen: list[torch.Tensor] = []
     real_step = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step", lambda self, x: (seen.append(x.clone()), real_step(self, x))[1])
+    monkeypatch.setattr(Trainer, "train_step",
+                        lambda self, x, labels: (seen.append(x.clone()), real_step(self, x, labels))[1])
     train(tiny_config("steps=4", "data.train_length=16"), tmp_path / "run", progress=False)  # 2 batches an epoch
     epoch0, epoch1 = torch.cat(seen[:2]), torch.cat(seen[2:])
     assert len(epoch0) == len(epoch1) == 16
@@ -212,7 +213,7 @@ def test_a_non_finite_loss_stops_training_before_any_checkpoint_holds_its_step(t
     trainer = Trainer(tiny_config("steps=3"), tmp_path / "run", progress=False)
     loss = trainer.model.encoder.conv_in.weight.sum() * float("nan")
     with pytest.raises(FloatingPointError, match="not finite"):
-        trainer._optimizer_step(trainer.opt_g, trainer.sched_g, trainer.g_params, loss)
+        trainer.optimizer_step(trainer.opt_g, trainer.sched_g, trainer.g_params, loss)
     with pytest.raises(FloatingPointError, match="--resume"):
         trainer.save()
     assert RunDir(tmp_path / "run").latest_checkpoint() is None

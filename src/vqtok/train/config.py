@@ -22,7 +22,7 @@ class DataConfig:
     train_length: int | None = None  # crops per epoch for the photos source (None: the source's default)
     val_length: int | None = None  # validation crops for the photos source
     batch_size: int = 16  # per process
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None: none on the CPU, on CUDA the process's CPUs - 1 (<= 8)
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False  # bf16 autocast for the networks (the quantizer always computes in fp32)
     tf32: bool = True  # on CUDA: fp32 matmuls/convolutions in TF32 (precision "high"); false: exact fp32
+    compile: bool = False  # torch.compile the encoder and decoder (in place: weights keep their names)
     ema_decay: float | None = None  # weight EMA used for evaluation (IBQ: 0.999); None: off
     log_every: int = 10
     checkpoint_every: int = 200
