@@ -75,6 +75,25 @@ def test_every_backend_equals_the_dense_reference(op, name):
             assert (value - reference).abs().max() <= tol * reference.abs().max().clamp_min(1e-30)
         return
 
+    if op == "cross_entropy":  # the GPT head's loss (tests/test_cross_entropy.py tests it in depth)
+        if name == "triton" and not (triton_kernels.available() and triton_kernels.interpreting()):
+            pytest.skip("the triton backend runs on CPU tensors only through the interpreter")
+        hidden, weight, grad = ibq_inputs(torch.float32 if name == "triton" else torch.float64)
+        bias, targets = weight[:, 0].clone(), torch.tensor([0, 12, 5, -100, 3, 3, 7, 1, 12])
+
+        def run_ce(which: str):
+            leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+            with kernels.use(op, which):
+                assert kernels.choose(op, leaves[0], leaves[1], bias=leaves[2], targets=targets) == which
+                loss = kernels.cross_entropy(*leaves, targets, reduction="none", code_chunk=4)
+            (loss * grad[:, 0]).sum().backward()
+            return [loss.detach()] + [t.grad for t in leaves]
+
+        tol = 1e-11 if hidden.dtype == torch.float64 else 1e-5
+        for value, reference in zip(run_ce(name), run_ce("dense")):
+            assert (value - reference).abs().max() <= tol * reference.abs().max()
+        return
+
     if name == "triton" and not (triton_kernels.available() and triton_kernels.interpreting()):
         pytest.skip("the triton backend runs on CPU tensors only through the interpreter: it is tested here when "
                     "TRITON_INTERPRET=1 is set (tests/conftest.py sets it where torch sees no GPU)")

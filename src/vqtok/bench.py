@@ -38,16 +38,18 @@ from .core.io import write_json
 from .quantize import build_quantizer
 
 CASES = ("search", "vq", "fc", "ema", "lc", "ibq")
-EXTRA_CASES = ("ibq_step",)  # the IBQ step alone (chunked vs dense backend, with the penalty): not run by default
+EXTRA_CASES = ("ibq_step", "ce_head")  # not run by default: the IBQ step alone (chunked vs dense backend, with the
+# penalty); a GPT output head's cross-entropy over K codes (kernels.cross_entropy, chunked vs dense backend)
 SIZES = (1024, 16_384, 100_000, 262_144)  # the default grid
 LARGE_SIZES = (1_048_576,)  # the full grid adds these for the chunked paths: --sizes ... 1048576
 DIMS = (8, 256)
 NATURAL_DIMS = {"search": (8, 256), "vq": (256,), "fc": (8,), "ema": (256,), "lc": (8,), "ibq": (256,),
-                "ibq_step": (256,)}
+                "ibq_step": (256,), "ce_head": (256,)}
 QUICK = {"sizes": (512, 2048), "dims": (8, 32), "tokens": 64, "repeats": 1}
 DENSE_MAX_CODES = 262_144  # larger sizes run the chunked paths (plus faiss and matmul) only
 # Predicted peak of the dense paths, in units of one (N, K) fp32 matrix (ibq: 9.8 GiB at N = 4096, K = 100,000).
-DENSE_FACTOR = {"search": 3, "cdist": 2, "vq": 3, "fc": 3, "ema": 3, "lc": 3, "ibq": 6.5, "ibq_step": 6.5, "vqp": 6.5}
+DENSE_FACTOR = {"search": 3, "cdist": 2, "vq": 3, "fc": 3, "ema": 3, "lc": 3, "ibq": 6.5, "ibq_step": 6.5, "vqp": 6.5,
+                "ce_head": 4}
 LC_FEATURES = 768  # VQGAN-LC's codebook: CLIP ViT-L/14 features
 DENSE = {op: "dense" for op in kernels.OPS}  # the "dense" paths: every kernel operation on its dense reference
 # --device cuda: the search rows and the IBQ step (forward + backward with the entropy penalty) on the GPU.
@@ -273,6 +275,11 @@ def _row_paths(method: str, K: int, D: int, config: BenchConfig, notes: list[str
         paths = [_Timed("chunked", _step_phases("chunked", flat, codebook, grad))]
         if fits("ibq_step"):
             paths.append(_Timed("dense", _step_phases("dense", flat, codebook, grad)))
+    elif method == "ce_head":
+        flat, codebook, bias = torch.randn(config.tokens, D), torch.randn(K, D) / D**0.5, torch.zeros(K)
+        targets = torch.randint(0, K, (config.tokens,))
+        paths = [_Timed(name, ce_head_phases(name, flat, codebook, bias, targets))
+                 for name in ("chunked", "dense") if name == "chunked" or fits("ce_head")]
     else:
         flat, codebook, paths = _quantizer_paths(method, K, D, config, fits, notes)
     if method == "search" or config.faiss_everywhere:
@@ -351,6 +358,17 @@ def _step_phases(backend: str, flat: Tensor, codebook: Tensor, grad: Tensor) -> 
         ((result.z_q * grad).sum() + 0.05 * (result.sample_entropy - result.codebook_entropy)).backward()
 
     return {"forward": forward, "forward_backward": forward_backward}
+
+
+def ce_head_phases(backend: str, hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor
+                   ) -> dict[str, Callable]:
+    """A GPT output head's mean cross-entropy over K codes (kernels.cross_entropy) on the given backend, and its
+    backward to the hidden states, the head weight and the bias."""
+    def forward() -> Tensor:
+        leaves = (hidden.detach().requires_grad_(), weight.detach().requires_grad_(), bias.detach().requires_grad_())
+        return kernels.cross_entropy(*leaves, targets, backend=backend)
+
+    return {"forward": forward, "forward_backward": lambda: forward().backward()}
 
 
 def _dense_search(flat: Tensor, codebook: Tensor) -> None:

@@ -55,6 +55,13 @@ def ibq_code_chunk(n_tokens: int, n_codes: int, code_chunk: int | None = None,
     return min(n_codes, max(MIN_CODE_CHUNK, budget // max(n_tokens, 1)))
 
 
+def cross_entropy_code_chunk(n_tokens: int, n_codes: int, code_chunk: int | None = None,
+                             device: torch.device | str | None = None) -> int:
+    """Codes per chunk of the chunked cross-entropy (kernels/cross_entropy.py) unless given: sized as the IBQ
+    step's (`ibq_code_chunk`: every token against one chunk, one (N x codes) logits buffer per worker)."""
+    return ibq_code_chunk(n_tokens, n_codes, code_chunk, device)
+
+
 def worker_count(n_items: int, device: torch.device) -> int:
     """How many workers `run_workers` uses for n_items items: one per intra-op thread on CPU, else one."""
     return max(1, min(torch.get_num_threads(), n_items)) if device.type == "cpu" else 1

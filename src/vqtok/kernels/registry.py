@@ -7,6 +7,9 @@ Operations, each on tokens z (N, D) and a codebook (K, D):
                        Options: token_chunk, code_chunk.
 - "ibq_step":          the differentiable IBQ step (kernels/ibq.py) -> IBQResult.
                        Options: temperature, entropy (False: the entropies may come back NaN), code_chunk.
+- "cross_entropy":     a GPT output head's loss over K codes (kernels/cross_entropy.py), z the hidden states (N, d)
+                       and codebook the head weight (K, d) -> per-token loss (N,), differentiable.
+                       Options: bias (K,) or None, targets (N,) (required), ignore_index, code_chunk.
 Every backend of an operation returns the same indices as its dense reference (ties go to the first index; on
 near-ties fp32 rounding may pick another code, equally close to rounding) and the same values and gradients to
 rounding.
@@ -19,9 +22,9 @@ BACKENDS lists, per operation, its backends in the order the automatic choice tr
 - requires: what `applies` checks, in words, for error messages.
 The automatic choice is the first backend that applies and is worthwhile. The last one is always "dense", the torch
 reference with (N, K) tensors: it always applies. Adding a backend is one `Backend(...)` entry, placed where the
-automatic choice should try it. The search operations list "triton" first (kernels/triton/search.py): it applies to
-float tensors on CUDA (without float64) where triton is installed, and on CPU tensors under TRITON_INTERPRET=1 (its
-tests), but the automatic choice takes it on CUDA only, so the CPU choice never depends on that variable.
+automatic choice should try it. Every operation lists "triton" first (kernels/triton/): it applies to float tensors
+on CUDA (without float64) where triton is installed, and on CPU tensors under TRITON_INTERPRET=1 (its tests), but
+the automatic choice takes it on CUDA only, so the CPU choice never depends on that variable.
 
 Forcing a backend, for tests and benchmarks: `with use("nearest_code", "chunked"): ...` (a context variable: it
 holds in this thread / asyncio task until the block exits, nested blocks restore the outer choice). A call's
@@ -47,7 +50,10 @@ from torch import Tensor
 from . import numba_search
 from . import triton as triton_kernels
 from .chunked_ibq import ibq_chunked
-from .chunking import search_chunks
+from .chunking import cross_entropy_code_chunk, search_chunks
+from .cross_entropy import (
+    REDUCTIONS, check_cross_entropy_inputs, cross_entropy_chunked, cross_entropy_dense, reduce_loss,
+)
 from .ibq import IBQResult, ibq_dense
 from .kdtree import nearest_code_kdtree
 from .search import (
@@ -61,6 +67,7 @@ KDTREE_MAX_DIM = 16  # above this a k-d tree visits most leaves and the brute-fo
 KDTREE_MIN_CODES = 4096  # below this building a tree costs more than scanning the codes
 FUSED_MAX_DIM = 32  # above this the fused loop loses to a blocked matmul
 IBQ_DENSE_MAX_ELEMENTS = 64 * 1024  # ibq_step stays dense while N x K is at most this: fewer passes win there
+CE_DENSE_MAX_ELEMENTS = 1024 * 1024  # cross_entropy stays dense while its (N, K) logits are at most this (4 MiB fp32)
 
 
 def always(z: Tensor, codebook: Tensor, **options: Any) -> bool:
@@ -113,7 +120,7 @@ def _triton_applies(z: Tensor, codebook: Tensor, **_: Any) -> bool:
 def _kernels_interpreted() -> bool:
     # triton decides between compiler and interpreter when the kernel module is imported: if that happened without
     # TRITON_INTERPRET=1, its kernels cannot run on CPU tensors however the variable is set now.
-    modules = [sys.modules.get(f"vqtok.kernels.triton.{name}") for name in ("search", "ibq")]
+    modules = [sys.modules.get(f"vqtok.kernels.triton.{name}") for name in ("search", "ibq", "cross_entropy")]
     return all(module is None or bool(module.INTERPRET) for module in modules)
 
 
@@ -147,6 +154,31 @@ def _ibq_chunked_worthwhile(z: Tensor, codebook: Tensor, **_: Any) -> bool:
     return z.shape[0] * codebook.shape[0] > IBQ_DENSE_MAX_ELEMENTS
 
 
+def _ce_chunked_worthwhile(hidden: Tensor, weight: Tensor, **_: Any) -> bool:
+    return hidden.shape[0] * weight.shape[0] > CE_DENSE_MAX_ELEMENTS
+
+
+def _ce_triton_applies(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, **options: Any) -> bool:
+    return _triton_applies(hidden, weight) and (bias is None or (bias.dtype.is_floating_point
+                                                                 and bias.dtype != torch.float64))
+
+
+def _ce_triton(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, targets: Tensor | None = None,
+               ignore_index: int = -100, code_chunk: int | None = None, **_: Any) -> Tensor:
+    from .triton.cross_entropy import cross_entropy_triton  # imports triton: only when this backend runs
+    return cross_entropy_triton(hidden, weight, bias, targets, ignore_index, code_chunk=code_chunk)
+
+
+def _ce_chunked(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, targets: Tensor | None = None,
+                ignore_index: int = -100, code_chunk: int | None = None, **_: Any) -> Tensor:
+    return cross_entropy_chunked(hidden, weight, bias, targets, ignore_index, code_chunk=code_chunk)
+
+
+def _ce_dense(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, targets: Tensor | None = None,
+              ignore_index: int = -100, **_: Any) -> Tensor:
+    return cross_entropy_dense(hidden, weight, bias, targets, ignore_index)
+
+
 # -- the registry -----------------------------------------------------------------------------------------------------
 BACKENDS: dict[str, tuple[Backend, ...]] = {
     "nearest_code": (
@@ -173,6 +205,11 @@ BACKENDS: dict[str, tuple[Backend, ...]] = {
         Backend("chunked", lambda z, codebook, temperature=0.01, entropy=True, code_chunk=None, **_: ibq_chunked(
             z, codebook, temperature, entropy=entropy, code_chunk=code_chunk), worthwhile=_ibq_chunked_worthwhile),
         Backend("dense", lambda z, codebook, temperature=0.01, **_: ibq_dense(z, codebook, temperature)),
+    ),
+    "cross_entropy": (
+        Backend("triton", _ce_triton, _ce_triton_applies, _triton_worthwhile, TRITON_REQUIRES),
+        Backend("chunked", _ce_chunked, worthwhile=_ce_chunked_worthwhile),
+        Backend("dense", _ce_dense),
     ),
 }
 OPS = tuple(BACKENDS)
@@ -244,6 +281,20 @@ def ibq_step(z: Tensor, codebook: Tensor, *, temperature: float = 0.01, entropy:
                     code_chunk=code_chunk)
 
 
+def cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", *, code_chunk: int | None = None, backend: str | None = None) -> Tensor:
+    """The cross-entropy of the logits hidden (N, d) @ weight (K, d)^T + bias (K,) against targets (N,) int64, as
+    F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction) computes it, in fp32 (fp64
+    if an input is), without an (N, K) logits tensor where the chunked backend runs (kernels/cross_entropy.py).
+    bias may be None. reduction "mean" (over the rows not ignored), "sum" or "none" (per token, (N,), 0 on ignored
+    rows). code_chunk: codes per chunk of the chunked backend (default: from the shapes)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+    loss = dispatch("cross_entropy", hidden, weight, backend=backend, bias=bias, targets=targets,
+                    ignore_index=ignore_index, code_chunk=code_chunk)
+    return reduce_loss(loss, targets, ignore_index, reduction)
+
+
 def _table(op: str) -> tuple[Backend, ...]:
     if op not in BACKENDS:
         raise ValueError(f"unknown kernel operation {op!r}; choose one of {', '.join(map(repr, BACKENDS))}")
@@ -256,6 +307,10 @@ def _validate(op: str, z: Tensor, codebook: Tensor, options: dict[str, Any]) -> 
     if op in ("nearest_code", "max_inner_product"):
         check_search_inputs(z, codebook)
         search_chunks(z.shape[0], codebook.shape[0], options.get("token_chunk"), options.get("code_chunk"))
+    elif op == "cross_entropy":
+        check_cross_entropy_inputs(z, codebook, options.get("bias"), options.get("targets"),
+                                   options.get("ignore_index", -100))
+        cross_entropy_code_chunk(z.shape[0], codebook.shape[0], options.get("code_chunk"))
     elif z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
 
