@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ from torch.utils.data import Dataset
 import vqtok
 from vqtok.backbones import FeatureEncoder
 from vqtok.codebook import FeatureShards, assign, extract_features, pool_to_grid, read_codebook_file, save_codebook
-from vqtok.codebook.build import build_codebook
+from vqtok.codebook.build import build_codebook, default_workers, request_key
 from vqtok.codebook.command import add_subcommand
+from vqtok.codebook.features import resolve_precision
+from vqtok.core.codebook_file import read_metadata
 
 
 class PixelEncoder(FeatureEncoder):
@@ -194,6 +197,71 @@ def test_per_class_on_a_labelled_folder_gives_each_class_k_over_classes_codes(tm
     assert np.bincount(nearest_class, minlength=2).tolist() == [3, 3]
 
 
+# 40 crops of 64 px in shards of 2,048: one shard, 5 batches of 8; one thread, so both builds do the same arithmetic
+SMALL = dict(encoder="mobilenetv2", source="photos", size=24, method="kmeans", crops=40, crop_size=64, grid=2,
+             batch_size=8, threads=1, progress=False)
+
+
+def _features(cache_dir) -> np.ndarray:
+    return FeatureShards(next(cache_dir.glob("features-*"))).load()[0]
+
+
+def test_dataloader_workers_give_bitwise_the_main_process_features_and_reuse_its_codebook(tmp_path,
+                                                                                          monkeypatch) -> None:
+    main = build_codebook(out=tmp_path / "w0.safetensors", cache_dir=tmp_path / "c0", num_workers=0, **SMALL)
+    two = build_codebook(out=tmp_path / "w2.safetensors", cache_dir=tmp_path / "c2", num_workers=2, **SMALL)
+    np.testing.assert_array_equal(_features(tmp_path / "c2"), _features(tmp_path / "c0"))  # (160, 1280)
+    torch.testing.assert_close(read_codebook_file(two)[0], read_codebook_file(main)[0], rtol=0, atol=0)
+    assert read_metadata(two)["cache_key"] == read_metadata(main)["cache_key"]
+    import vqtok.codebook.build as build_module
+
+    monkeypatch.setattr(build_module, "build_encoder", lambda *a, **k: pytest.fail("workers changed the cache key"))
+    assert build_codebook(out=main, cache_dir=tmp_path / "c0", num_workers=3, **SMALL) == main
+
+
+def test_bf16_encoder_has_its_own_cache_key_and_fp32_keeps_the_key_it_had(tmp_path) -> None:
+    fp32 = build_codebook(out=tmp_path / "fp32.safetensors", cache_dir=tmp_path / "c", precision="auto", **SMALL)
+    before = dict(encoder="mobilenetv2", layer=None, weights=None, source="photos", size=24, method="kmeans", seed=0,
+                  grid=2, crops=40, crop_size=64, niter=20)  # the request as hashed before precision existed
+    meta = read_metadata(fp32)
+    assert meta["cache_key"] == request_key(before) and meta["precision"] == "fp32"  # auto on a CPU: fp32
+    bf16 = build_codebook(out=tmp_path / "bf16.safetensors", cache_dir=tmp_path / "c", precision="bf16", **SMALL)
+    assert read_metadata(bf16)["precision"] == "bf16"
+    assert read_metadata(bf16)["cache_key"] == request_key(before | {"precision": "bf16"})
+    folders = {json.loads((d / "manifest.json").read_text()).get("precision", "fp32"): FeatureShards(d).load()[0]
+               for d in (tmp_path / "c").glob("features-*")}
+    assert sorted(folders) == ["bf16", "fp32"]  # a feature cache of its own
+    relative = np.linalg.norm(folders["bf16"] - folders["fp32"]) / np.linalg.norm(folders["fp32"])
+    assert 1e-4 < relative < 0.3  # bf16 autocast really ran (mobilenetv2 here: 13% off fp32, as bf16 goes)
+
+
+def test_precision_auto_is_bf16_on_cuda_only_and_default_workers_follow_the_cpus(monkeypatch) -> None:
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_precision("fp16", torch.device("cpu"))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    workers = {}
+    for cpus in (1, 2, 6, 32):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        workers[cpus] = default_workers()
+    assert workers == {1: 0, 2: 1, 6: 5, 32: 8}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 processes on this node share the 32 CPUs
+    assert default_workers() == 7
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_extraction_with_workers_and_pinned_memory_equals_the_main_process(tmp_path) -> None:
+    options = SMALL | dict(device="cuda", precision="fp32")
+    build_codebook(out=tmp_path / "w0.safetensors", cache_dir=tmp_path / "c0", num_workers=0, **options)
+    build_codebook(out=tmp_path / "w2.safetensors", cache_dir=tmp_path / "c2", num_workers=2, **options)
+    np.testing.assert_array_equal(_features(tmp_path / "c2"), _features(tmp_path / "c0"))
+    auto = build_codebook(out=tmp_path / "auto.safetensors", cache_dir=tmp_path / "c3", **(SMALL | {"device": "cuda"}))
+    assert read_metadata(auto)["precision"] == "bf16"
+
+
 def test_too_few_features_for_k_is_refused_before_extraction(tmp_path) -> None:
     with pytest.raises(ValueError, match="at least 100 crops"):
         build_codebook(source="photos", size=1600, crops=10, grid=4, out=tmp_path / "x.safetensors",
@@ -210,10 +278,11 @@ def test_command_builds_the_codebook(tmp_path, capsys) -> None:
     out = tmp_path / "cb.safetensors"
     args = _cli(["codebook", "build", "--encoder", "mobilenetv2", "--data", "photos", "--size", "20", "--method",
                  "kmeans", "--crops", "16", "--crop-size", "64", "--grid", "2", "--out", str(out), "--seed", "1",
-                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--workers", "0", "--precision", "bf16"])
     assert args.func(args) == 0
     codebook, meta = read_codebook_file(out)
     assert codebook.shape == (20, 320) and meta["method"] == "kmeans" and meta["seed"] == "1"
+    assert meta["precision"] == "bf16"
     assert "20 x 320 codebook" in capsys.readouterr().out
     bad = _cli(["codebook", "build", "--method", "agglomerative", "--out", str(out), "--no-progress"])
     assert bad.func(bad) == 2 and "choose one of" in capsys.readouterr().err

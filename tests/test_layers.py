@@ -19,7 +19,7 @@ LAYERS = [
     {"core"},
     {"kernels", "data", "backbones"},
     {"quantize", "codebook", "models"},
-    {"train", "metrics", "generate", "convert", "sweep", "bench", "bench_command"},
+    {"train", "metrics", "generate", "convert", "sweep", "bench", "bench_command", "bench_train"},
     {"cli", "__main__", "__init__"},  # __init__: the package's public API, re-exported from below
 ]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -39,15 +39,17 @@ def _names(values: list[str]) -> tuple[str, ...]:
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    """Add `bench` (with its `quantize` benchmark) to the vqtok command line."""
-    bench = subparsers.add_parser("bench", help="kernel benchmarks", description="Kernel benchmarks.")
+    """Add `bench` (its `quantize` and `train` benchmarks) to the vqtok command line."""
+    bench = subparsers.add_parser("bench", help="kernel and training-step benchmarks",
+                                  description="Kernel and training-step benchmarks.")
     kinds = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     quantize = kinds.add_parser(
         "quantize", help="chunked code search and IBQ kernels vs the dense path, faiss and a bare matmul",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     quantize.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                           help=f"any of {' '.join(CASES + EXTRA_CASES)} (default: {' '.join(CASES)}; "
-                               "'search' is nearest_code alone, 'ibq_step' the IBQ step without the quantizer)")
+                               "'search' is nearest_code alone, 'ibq_step' the IBQ step without the quantizer, "
+                               "'ce_head' a GPT output head's cross-entropy over K codes)")
     quantize.add_argument("--sizes", nargs="+", default=None, metavar="K",
                           help=f"codebook sizes (default: {' '.join(map(str, SIZES))}; the full grid adds "
                                f"{' '.join(map(str, LARGE_SIZES))}, chunked paths only, which takes much longer)")
@@ -77,6 +79,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     quantize.add_argument("--json", metavar="PATH", help="also write the rows, config and environment as JSON")
     quantize.add_argument("--no-progress", action="store_true", help="no progress bar")
     quantize.set_defaults(func=run_quantize_command)
+    add_train_subcommand(kinds)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -119,5 +122,69 @@ def run_quantize_command(args: argparse.Namespace) -> int:
         print(format_bench_table(rows))
     if args.json:
         write_results(rows, args.json, config)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# -- `vqtok bench train` (src/vqtok/bench_train.py) ------------------------------------------------------------------
+TRAIN_EPILOG = """examples:
+  vqtok bench train                                      # configs/demo.yaml (lc) at K = 1,024 and 100,000 on the CPU
+  vqtok bench train --sizes 1024 16384 100000 262144 --device cuda --json train-cuda.json
+  vqtok bench train --config configs/imagenet-f16-ibq.yaml --quantizer ibq --sizes 16384,262144 --device cuda \\
+      --batch-size 16 --image-size 256 --bf16 --gan
+  vqtok bench train --preset tiny --quantizer vq --sizes 64 256 --batch-size 4 --image-size 32 --repeats 2
+
+Each K gets its own Trainer (lc: a random (K, 320) codebook); the trainers alternate call by call on one batch of
+training crops, and the median step time, images/s and the ratio to the smallest K are reported with memory (CUDA:
+torch.cuda.max_memory_allocated; CPU: resident set). Options override the config after any --set."""
+
+
+def add_train_subcommand(kinds: argparse._SubParsersAction) -> None:
+    """`bench train`; options left out keep TrainBenchConfig's defaults (bench_train is imported only to run)."""
+    train = kinds.add_parser(
+        "train", help="Trainer.train_step time, images/s and memory of a config at several codebook sizes",
+        description="Time one training step (vqtok.train.Trainer.train_step) of a config at each codebook size.",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", help="training config (default configs/demo.yaml)")
+    train.add_argument("--preset", help="model.preset (default: the config's)")
+    train.add_argument("--quantizer", help="model.quantizer: vq, fc, ema, lc or ibq (default: the config's)")
+    train.add_argument("--sizes", nargs="+", metavar="K",
+                       help="codebook sizes (default 1024 100000; ratios are to the smallest)")
+    train.add_argument("--batch-size", type=int, help="data.batch_size (default: the config's)")
+    train.add_argument("--image-size", type=int, help="model.image_size and data.size, pixels (default: the config's)")
+    train.add_argument("--device", choices=("cpu", "cuda"), help="cpu (default) or cuda")
+    train.add_argument("--repeats", type=int, help="timed steps per K after one warm-up, median taken (default 10)")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast for the networks (default: the config's)")
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a busy shared CPU 1 "
+                                                   "is steadier)")
+    train.add_argument("--gan", action="store_true",
+                       help="time the steps after loss.disc_start: the discriminator step too, where the config "
+                            "has a GAN (default: the step the trainer runs first)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="a config override, as for vqtok train (repeatable)")
+    train.add_argument("--json", metavar="PATH", help="also write the rows, setup and environment as JSON")
+    train.add_argument("--no-progress", action="store_true", help="no line per round")
+    train.set_defaults(func=run_train_command)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    import sys
+
+    from .bench_train import TrainBenchConfig, format_train_table, run_train_bench, write_train_results
+
+    try:
+        given = dict(config=args.config, preset=args.preset, quantizer=args.quantizer, batch_size=args.batch_size,
+                     image_size=args.image_size, device=args.device, repeats=args.repeats, bf16=args.bf16,
+                     threads=args.threads, sizes=_ints(args.sizes) if args.sizes else None)
+        options = {k: v for k, v in given.items() if v is not None}
+        options |= dict(gan=args.gan, overrides=tuple(args.overrides))
+        result = run_train_bench(TrainBenchConfig(**options), progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, argparse.ArgumentTypeError) as error:
+        print(f"vqtok bench train: error: {error}", file=sys.stderr)
+        return 2
+    print(format_train_table(result))
+    if args.json:
+        write_train_results(result, args.json)
         print(f"wrote {args.json}")
     return 0

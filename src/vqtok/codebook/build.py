@@ -3,6 +3,9 @@
 Two caches keep repeated requests cheap: the codebook itself (a file at `out` whose metadata carries the hash of the
 same arguments is returned as is), and the extracted features (under `cache_dir`, keyed by everything that decides
 them), so a different K, method or seed on the same data skips the encoder, and a killed extraction resumes.
+DataLoader workers are in neither key (the features are bitwise the same for any number); batch size, threads and
+device are not either, though they can change float rounding and so k-means' result. The encoder's precision enters
+both keys when it is bf16 (fp32 requests keep the keys they had before precision was an option).
 Under torchrun every rank extracts its share of the features; rank 0 clusters and writes the file.
 """
 
@@ -25,11 +28,21 @@ from ..core.codebook_file import read_metadata, save_codebook
 from ..core.device import resolve_device
 from ..data import build_dataset
 from .cluster import CLUSTER_METHODS, cluster, faiss_threads
-from .features import FeatureShards, extract_features
+from .features import FeatureShards, extract_features, resolve_precision
 
 log = logging.getLogger(__name__)
 
 FEATURES_PER_CODE = 4  # default training features per centre for sources of unlimited size ("photos")
+BATCH_SIZE = {"cpu": 16, "cuda": 128}  # default images per encoder batch: 16 is fastest on a CPU
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """DataLoader workers when the caller does not say: the CPUs this process may use, shared by the processes
+    torchrun starts on this node, less one for the process that runs the encoder; at most MAX_DEFAULT_WORKERS."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
 
 
 def default_cache_dir() -> Path:
@@ -77,40 +90,50 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 def build_codebook(*, encoder: str = "efficientnet-lite0", source: str = "photos", size: int = 100_000,
                    method: str = "two-level", out: str | Path, seed: int = 0, grid: int = 4, crops: int | None = None,
                    crop_size: int | None = None, layer: str | None = None, weights: str | None = None,
-                   cache_dir: str | Path | None = None, batch_size: int = 16, niter: int = 20,
-                   num_workers: int = 0, threads: int | None = None, device: str = "auto", rank: int = 0,
-                   world_size: int = 1, progress: bool = True) -> Path:
+                   cache_dir: str | Path | None = None, batch_size: int | None = None, niter: int = 20,
+                   num_workers: int | None = None, precision: str = "auto", threads: int | None = None,
+                   device: str = "auto", rank: int = 0, world_size: int = 1, progress: bool = True) -> Path:
     """Build (or reuse) a (size, F) codebook at `out`; returns `out`.
 
     crops: training images/crops (default: see `default_crops`); crop_size: their side in pixels (default: the
     encoder's, 128 for CNNs, whose 4x4 map at stride 32 is the 4x4 grid); layer/weights: see `build_encoder`;
-    num_workers: DataLoader processes cutting crops beside the encoder; threads: torch and faiss threads; device:
-    where the encoder runs ("auto": this rank's GPU when there is one, else the CPU); rank/world_size: split the
-    extraction over torchrun processes (each calls this with its RANK and WORLD_SIZE): rank 0 waits for the others'
-    shards, clusters and writes `out`; the others wait for that file. They meet through the file system, so no
-    process group is needed, and a caller that runs the build on one rank only keeps the defaults (0, 1).
+    batch_size: images per encoder batch (default 16 on a CPU, 128 on a GPU); num_workers: DataLoader processes
+    cutting crops beside the encoder (default: `default_workers()`; 0: the main process; the features are the same
+    for any number); precision: the encoder's, "auto" (bf16 autocast on CUDA, fp32 on a CPU), "fp32" or "bf16";
+    threads: torch and faiss threads; device: where the encoder runs ("auto": this rank's GPU when there is one,
+    else the CPU); rank/world_size: split the extraction over torchrun processes (each calls this with its RANK and
+    WORLD_SIZE): rank 0 waits for the others' shards, clusters and writes `out`; the others wait for that file. They
+    meet through the file system, so no process group is needed, and a caller that runs the build on one rank only
+    keeps the defaults (0, 1).
     """
     _check_request(encoder, method, size, grid, crops)
     out = Path(out)
     crops = crops if crops is not None else default_crops(source, size, grid)
+    where = resolve_device(device)
+    precision = resolve_precision(precision, where)
+    num_workers = default_workers() if num_workers is None else num_workers
+    batch_size = batch_size or BATCH_SIZE.get(where.type, BATCH_SIZE["cpu"])
     request = dict(encoder=encoder, layer=layer, weights=weights, source=source, size=size, method=method, seed=seed,
                    grid=grid, crops=crops, crop_size=crop_size, niter=niter)
+    if precision != "fp32":  # bf16 features are not fp32's (see features.py); fp32 keeps its keys from before
+        request["precision"] = precision
     key = request_key(request)
     if cached_codebook(out, key):
         log.info("reusing %s: built from the same request (cache key %s)", out, key)
         return out
     with cpu_threads(threads):
         started = time.perf_counter()
-        enc = build_encoder(encoder, layer=layer, weights=weights).to(resolve_device(device))
+        enc = build_encoder(encoder, layer=layer, weights=weights).to(where)
         request |= {"layer": enc.layer, "crop_size": crop_size or enc.default_crop_size}
         dataset = build_dataset(source, "train", size=request["crop_size"], length=crops, seed=seed)
         _check_enough_features(len(dataset), grid, size)
         folder = Path(cache_dir or default_cache_dir()) / f"features-{_features_key(request)}"
         shards = extract_features(enc, dataset, grid=grid, batch_size=batch_size, out_dir=folder, rank=rank,
-                                  world_size=world_size, progress=progress, num_workers=num_workers)
+                                  world_size=world_size, progress=progress, num_workers=num_workers,
+                                  precision=precision)
         if rank == 0:
             _wait_for(lambda: not shards.missing(), f"the other ranks' feature shards in {folder}")
-            _cluster_and_save(shards, request, out, key, started, progress)
+            _cluster_and_save(shards, request | {"precision": precision}, out, key, started, progress)
         else:
             _wait_for(lambda: cached_codebook(out, key), f"rank 0 to write {out}")
     return out
@@ -129,8 +152,8 @@ def _cluster_and_save(shards: FeatureShards, request: dict[str, Any], out: Path,
 
 def _features_key(request: dict[str, Any]) -> str:
     """The hash of what decides the extracted features (not K, method or k-means settings)."""
-    return request_key({k: request[k] for k in ("encoder", "layer", "weights", "source", "seed", "grid", "crops",
-                                                "crop_size")})
+    decides = ("encoder", "layer", "weights", "source", "seed", "grid", "crops", "crop_size", "precision")
+    return request_key({k: request[k] for k in decides if k in request})  # "precision": only when it is bf16
 
 
 def _check_request(encoder: str, method: str, size: int, grid: int, crops: int | None) -> None:

@@ -44,8 +44,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", help="encoder layer (default: CNNs' last block, CLIP's projected patch tokens)")
     p.add_argument("--weights", help="local weights replacing the packaged ones (a CLIP model directory)")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations (default 20)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per encoder batch (default 16: fastest on CPU)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes cutting crops (default 0)")
+    p.add_argument("--batch-size", type=int, help="images per encoder batch (default 16 on a CPU, fastest there; "
+                                                  "128 on a GPU)")
+    p.add_argument("--workers", type=int, help="DataLoader processes cutting crops beside the encoder (default: the "
+                                               "CPUs less one, at most 8, shared by torchrun's processes; 0: none; "
+                                               "the features do not depend on it)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the encoder's: auto (default: bf16 autocast on CUDA, fp32 on a CPU), fp32 or bf16; bf16 "
+                        "gives another codebook (its own cache key)")
     p.add_argument("--threads", type=int, help="torch/faiss threads (default: all cores; on a busy shared CPU "
                                                 "--threads 1 can be 2-3x faster)")
     p.add_argument("--device", default="auto", help="where the encoder runs: cpu, cuda, cuda:1 (default auto: "
@@ -67,7 +73,8 @@ def run_build(args: argparse.Namespace) -> int:
                               out=args.out, seed=args.seed, grid=args.grid, crops=args.crops,
                               crop_size=args.crop_size, layer=args.layer, weights=args.weights,
                               cache_dir=args.cache_dir, batch_size=args.batch_size, niter=args.niter,
-                              num_workers=args.workers, threads=args.threads, device=args.device, rank=rank,
+                              num_workers=args.workers, precision=args.precision, threads=args.threads,
+                              device=args.device, rank=rank,
                               world_size=world_size, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:
         print(f"vqtok codebook build: error: {error}", file=sys.stderr)

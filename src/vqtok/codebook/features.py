@@ -5,6 +5,15 @@ Layout of `out_dir`: `manifest.json` (what was extracted, checked on resume) and
 consecutive images. Shard i belongs to rank i % world_size, so torchrun ranks split the work without talking; every
 shard is written to a temporary name and renamed, so a killed run resumes at the first missing shard.
 The encoder runs under `torch.inference_mode()`: extraction never needs a gradient, so no autograd graph is kept.
+
+Crops are cut by DataLoader workers while the encoder runs (a crop depends only on its index, so the features are the
+same bitwise for any number of workers); on CUDA they travel through pinned memory with non-blocking copies and a
+shard's features stay on the GPU until the shard is written. `precision="bf16"` runs the encoder under bf16 autocast
+(pooling and the stored features stay fp32). Measured on a CPU (efficientnet-lite0, 2,500 crops, K = 10,000,
+two-level): bf16 features are 3.5% (median) from fp32's, and k-means then changes every centre and 98% of the
+nearest-centre assignments, as a new k-means seed does (and as 1e-5 relative noise changes 55%: no precision short
+of bitwise fp32 keeps a codebook), while the quantization error of the training features moves by 0.3% and that of
+held-out photos' by 0.03%, inside seed-to-seed differences: another codebook of the same quality, so its own cache key.
 """
 
 from __future__ import annotations
@@ -27,6 +36,17 @@ from ..core.io import atomic_write_bytes, write_text
 from ..data import describe_dataset
 
 SHARD_IMAGES = 2048  # images per shard: the unit of resumption and of the split between ranks
+PRECISIONS = ("auto", "fp32", "bf16")  # the encoder's: auto = bf16 autocast on CUDA, fp32 elsewhere
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" | "fp32" | "bf16" -> "fp32" or "bf16" for an encoder on `device`. auto: bf16 on CUDA (fp32 convolutions
+    run in TF32 there by default, whose rounding reshuffles k-means too); fp32 on a CPU, so CPU builds keep theirs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown encoder precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def pool_to_grid(feature_map: Tensor, grid: int) -> Tensor:
@@ -88,12 +108,16 @@ def _write_shard(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _manifest(encoder: FeatureEncoder, dataset: Dataset, grid: int, shard_images: int) -> dict[str, Any]:
-    """What decides the shards' content, as it reads back from manifest.json (tuples become lists, ...)."""
+def _manifest(encoder: FeatureEncoder, dataset: Dataset, grid: int, shard_images: int,
+              precision: str) -> dict[str, Any]:
+    """What decides the shards' content, as it reads back from manifest.json (tuples become lists, ...). The
+    precision is recorded only when it is not fp32, so manifests written before it existed still match."""
     num_images = len(dataset)
     manifest = {"encoder": encoder.name, "layer": encoder.layer, "feature_dim": encoder.feature_dim, "grid": grid,
                 "image_size": encoder.image_size, "num_images": num_images, "shard_images": shard_images,
                 "num_shards": -(-num_images // shard_images), "dataset": describe_dataset(dataset)}
+    if precision != "fp32":
+        manifest["precision"] = precision
     return json.loads(json.dumps(manifest, default=str))
 
 
@@ -126,17 +150,21 @@ def _shard_batches(shards: list[int], sizes: dict[int, int], shard_images: int, 
 
 def extract_features(encoder: FeatureEncoder, dataset: Dataset, *, grid: int = 4, batch_size: int = 64,
                      out_dir: str | Path, rank: int = 0, world_size: int = 1, progress: bool = True,
-                     num_workers: int = 0, shard_images: int = SHARD_IMAGES) -> FeatureShards:
+                     num_workers: int = 0, precision: str = "fp32",
+                     shard_images: int = SHARD_IMAGES) -> FeatureShards:
     """Encode every image of `dataset` (items: (image (3, H, W) in [0, 1], label int)), pool each map to grid x grid,
     and write this rank's shards to `out_dir`; shards already there are skipped (resume). Returns the shard set;
-    call `.load()` once every rank is done."""
-    if grid < 1 or batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need grid >= 1, batch_size >= 1 and 0 <= rank < world_size, got {grid}, {batch_size}, "
-                         f"{rank}, {world_size}")
+    call `.load()` once every rank is done. num_workers: DataLoader processes cutting the images (0: this one);
+    precision: see `resolve_precision` (the encoder's device decides "auto")."""
+    if grid < 1 or batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need grid >= 1, batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size, got {grid}, "
+                         f"{batch_size}, {num_workers}, {rank}, {world_size}")
+    device = encoder.mean.device
+    precision = resolve_precision(precision, device)
     num_images = len(dataset)
     if num_images == 0:
         raise ValueError("the dataset is empty: nothing to extract features from")
-    manifest = _manifest(encoder, dataset, grid, shard_images)
+    manifest = _manifest(encoder, dataset, grid, shard_images, precision)
     shards = _open_shards(Path(out_dir), manifest)
     mine = [i for i in range(rank, manifest["num_shards"], world_size)]
     todo = [i for i in mine if not shards.shard_path(i).is_file()]
@@ -145,17 +173,20 @@ def extract_features(encoder: FeatureEncoder, dataset: Dataset, *, grid: int = 4
                desc=f"features {encoder.name}" + (f" rank {rank}" if world_size > 1 else ""), disable=not progress)
     encoder.eval()
     batches = _shard_batches(todo, sizes, shard_images, batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)  # one loader: workers start once
-    pending = {index: ([], []) for index in todo}  # shard -> (feature chunks, label chunks)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # one loader: workers start once
+                        pin_memory=device.type == "cuda")  # pinned: the non_blocking copy below overlaps
+    pending = {index: ([], []) for index in todo}  # shard -> (feature chunks on `device`, label chunks)
     for batch, (images, batch_labels) in zip(batches, loader):
         index = batch[0] // shard_images
-        with torch.inference_mode():
-            features = pool_to_grid(encoder(images), grid).cpu().numpy()  # (B * g * g, F)
-        pending[index][0].append(features)
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+            pending[index][0].append(pool_to_grid(encoder(images), grid))  # (B * g * g, F) float32
         pending[index][1].append(_labels_of(batch_labels, len(images)).repeat_interleave(grid * grid).numpy())
         bar.update(len(images))
-        if batch[-1] == index * shard_images + sizes[index] - 1:  # the shard's last batch
+        if batch[-1] == index * shard_images + sizes[index] - 1:  # the shard's last batch: one copy to the host
             features, labels = pending.pop(index)
-            _write_shard(shards.shard_path(index), np.concatenate(features), np.concatenate(labels))
+            with torch.inference_mode():
+                features = torch.cat(features).cpu().numpy()
+            _write_shard(shards.shard_path(index), features, np.concatenate(labels))
     bar.close()
     return shards
