@@ -98,7 +98,7 @@ def write_report(run: RunDir | str | Path, metrics: dict[str, Any], usage: CodeU
         if key in metrics:
             lines.append(f"| {key} | {_fmt(metrics[key])} | {meaning} |")
     tokens = [f"{metrics[k]:,} {label}" for k, label in (("tokens", "evaluation tokens"),
-                                                        ("tokens_train", "training tokens")) if k in metrics]
+                                                        ("tokens_train", "training tokens")) if metrics.get(k) is not None]
     if tokens:
         lines += ["", "Token counts: " + ", ".join(tokens) + "."]
     protocol = metrics.get("protocol")
