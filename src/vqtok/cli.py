@@ -12,6 +12,9 @@ EXAMPLES = """examples:
   vqtok eval runs/demo
   vqtok encode runs/demo --data photos --out tokens/
   vqtok decode runs/demo tokens/ --out images/
+  vqtok gen train --config configs/demo-gen.yaml --tokens tokens/fm-train --out runs/fm-gpt
+  vqtok gen sample runs/fm-gpt --per-class 50 --cfg 2.0 --out samples.npz
+  vqtok convert --from ibq imagenet256_262144.ckpt --out runs/ibq-262144
   vqtok bench quantize --quick
 """
 
@@ -26,11 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from . import bench_command
     from .codebook import command as codebook_command
+    from .convert import command as convert_command
+    from .generate import command as gen_command
     from .metrics import command as metrics_command
     from .train import command as train_command
 
     # each module adds its subcommands, in the order `vqtok --help` lists them
-    for module in (train_command, metrics_command, codebook_command, bench_command):  # train encode decode, eval, ...
+    # train encode decode, eval, codebook, convert, bench
+    for module in (train_command, metrics_command, gen_command, codebook_command, convert_command, bench_command):
         module.add_subcommand(subparsers)
     return parser
 

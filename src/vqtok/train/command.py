@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..core.io import write_json, write_npy
 from ..core.rundir import RunDir
-
-INDEX_FILE = "index.json"
+from ..data.tokens import AUGMENTATIONS, INDEX_FILE, read_index, token_dtype
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -88,11 +87,25 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
     p.add_argument("--ema", action="store_true", help="use the weight-EMA weights (ema.safetensors)")
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none",
+                   help="views per image for a generator's training set: flip (the image and its mirror) or ten-crop "
+                        "(LlamaGen: a centre square of 1.1 x --size, its 4 corner and centre crops, each mirrored); "
+                        "tokens are then (n, views, h, w) and view 0 is the plain image")
     p.set_defaults(func=run_encode)
 
 
-def token_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype(np.int16) if codebook_size <= 2**15 else np.dtype(np.int32)
+def augmented_views(images: Tensor, augment: str, size: int) -> Tensor:
+    """(B, 3, S, S) -> (B, A, 3, size, size): the views `vqtok encode --augment` encodes; view 0 is the plain image
+    (for ten-crop, the centre crop)."""
+    if augment == "none":
+        return images[:, None]
+    if augment == "flip":
+        return torch.stack([images, images.flip(-1)], dim=1)
+    big = images.shape[-1]
+    corners = [((big - size) // 2, (big - size) // 2), (0, 0), (0, big - size), (big - size, 0),
+               (big - size, big - size)]
+    crops = [images[..., top : top + size, left : left + size] for top, left in corners]
+    return torch.stack(crops + [c.flip(-1) for c in crops], dim=1)
 
 
 def run_encode(args: argparse.Namespace) -> int:
@@ -103,7 +116,8 @@ def run_encode(args: argparse.Namespace) -> int:
 
     model = Tokenizer.from_pretrained(args.run, ema=args.ema).eval()
     size = args.size or model.config.image_size
-    dataset = build_dataset(args.data, args.split, size=size, length=args.length, train_crops=False)
+    load_size = round(size * 1.1) if args.augment == "ten-crop" else size  # LlamaGen's crop_range 1.1
+    dataset = build_dataset(args.data, args.split, size=load_size, length=args.length, train_crops=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(model.codebook_size)
@@ -122,7 +136,11 @@ def run_encode(args: argparse.Namespace) -> int:
 
     pending = 0
     for images, label in tqdm(loader, desc="encode", unit="batch"):
-        ids = model.encode(images).cpu().numpy().astype(dtype)  # (B, h, w)
+        views = augmented_views(images, args.augment, size)  # (B, A, 3, size, size)
+        ids = model.encode(views.flatten(0, 1)).unflatten(0, views.shape[:2])  # (B, A, h, w)
+        ids = ids.cpu().numpy().astype(dtype)
+        if args.augment == "none":
+            ids = ids[:, 0]  # (B, h, w), as before augmentations existed
         tokens.append(ids)
         labels.append(np.asarray(label, dtype=np.int64))
         pending += len(ids)
@@ -131,10 +149,11 @@ def run_encode(args: argparse.Namespace) -> int:
             pending = 0
     flush()
     index = {"run": str(args.run.resolve()), "codebook_size": model.codebook_size, "grid": list(model.grid),
-             "image_size": size, "dtype": dtype.name, "ema": args.ema, "count": sum(s["count"] for s in shards),
+             "image_size": size, "dtype": dtype.name, "ema": args.ema, "augment": args.augment, "count": sum(s["count"] for s in shards),
              "data": describe_dataset(dataset), "shards": shards}
     write_json(args.out / INDEX_FILE, index)
-    print(f"wrote {index['count']} token maps of {model.grid[0]}x{model.grid[1]} ({dtype.name}) in {len(shards)} "
+    views = AUGMENTATIONS[args.augment]
+    print(f"wrote {index['count']} x {views} token maps of {model.grid[0]}x{model.grid[1]} ({dtype.name}) in {len(shards)} "
           f"shard(s) to {args.out}")
     return 0
 
@@ -161,11 +180,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
     from ..models import Tokenizer
 
-    index_path = args.tokens / INDEX_FILE
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path} not found; write tokens with `vqtok encode RUN --data ... --out "
-                                f"{args.tokens}`")
-    index = json.loads(index_path.read_text())
+    index = read_index(args.tokens)
     model = Tokenizer.from_pretrained(args.run, ema=args.ema).eval()
     if index["codebook_size"] != model.codebook_size:
         raise ValueError(f"the tokens come from a codebook of {index['codebook_size']} codes, the tokenizer in "
@@ -175,7 +190,9 @@ def run_decode(args: argparse.Namespace) -> int:
     written = 0
     with tqdm(total=total, desc="decode", unit="img") as bar:
         for shard_number, shard in enumerate(index["shards"]):
-            ids = np.load(args.tokens / shard["tokens"])
+            ids = np.load(args.tokens / shard["tokens"], mmap_mode="r")
+            if ids.ndim == 4:  # (n, views, h, w) from --augment: decode the plain view
+                ids = ids[:, 0]
             for start in range(0, len(ids), args.batch_size):
                 if written >= total:
                     break

@@ -102,10 +102,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data, "")
+        return build_config(cls, data, "")
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def build_config(cls: type, data: dict[str, Any], where: str) -> Any:
     """cls from a dict: unknown keys and values of the wrong type are errors that name the key and what it takes."""
     if not isinstance(data, dict):
         raise ValueError(f"config section {where.rstrip('.') or 'top level'} must be a mapping, got "
@@ -118,7 +118,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     values = {}
     for name, value in data.items():
         if dataclasses.is_dataclass(hints[name]):
-            values[name] = _build(hints[name], value, f"{where}{name}.")
+            values[name] = build_config(hints[name], value, f"{where}{name}.")
         else:
             values[name] = checked_value(value, hints[name], where + name)
     return cls(**values)
@@ -212,8 +212,10 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML file (or `base`, a saved config dict), with `key=value` overrides applied."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
+                config_class: type = None) -> Any:
+    """A config (TrainConfig, or `config_class`: any dataclass with from_dict, e.g. the generators') from a YAML file
+    (or `base`, a saved config dict), with `key=value` overrides applied."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
@@ -228,4 +230,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             if not isinstance(node, dict):
                 raise ValueError(f"--set {text}: {key} is not a section")
         node[keys[-1]] = value
-    return TrainConfig.from_dict(data)
+    return (config_class or TrainConfig).from_dict(data)

@@ -1,0 +1,98 @@
+"""A generator run's configuration (`vqtok gen train --config`, saved as config.json) and loading a trained one."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.io import load_state_dict
+from ..core.rundir import RunDir
+from ..train.config import OptimConfig, build_config
+from .ar import GPT, GPTConfig
+from .sample import CFG_SCHEDULES
+
+
+@dataclass
+class GenDataConfig:
+    tokens: str = ""  # a folder written by `vqtok encode --split train [--augment flip]` (required)
+    batch_size: int = 64  # per process
+    num_workers: int | None = None  # None: none on the CPU, on CUDA the process's CPUs - 1 (<= 8)
+
+
+@dataclass
+class SampleConfig:
+    """How samples are drawn for `gen sample`, `gen eval` and the final evaluation (IBQ: constant CFG 2.0-2.85,
+    temperature 1, no top-k / top-p; VQGAN-LC: no CFG, top-k)."""
+
+    cfg_scale: float = 2.0  # logits = uncond + scale * (cond - uncond); 1: conditional only
+    cfg_schedule: str = "constant"  # "constant" | "linear" (from 1 at the first token to cfg_scale at the last)
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    per_class: int = 50  # balanced labels: this many samples of every class
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class GenEvalConfig:
+    data: str | None = None  # the real images gFID compares with (None: the source the tokens were encoded from)
+    no_cfg: bool = True  # also sample at cfg 1 and report it beside (gfid_no_cfg, ...)
+    references: bool = True  # floor_real, floor_recon and ceiling_unigram, with the same N as the samples
+    classifier_cache: str = ".cache/classifiers"
+    batch_size: int = 100  # images per decode / Inception batch
+
+
+@dataclass
+class GenTrainConfig:
+    tokenizer: str | None = None  # the tokenizer's run directory (None: the run that wrote data.tokens)
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})  # GPTConfig fields (generate/ar.py)
+    data: GenDataConfig = field(default_factory=GenDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                                                   grad_clip=1.0))
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: GenEvalConfig = field(default_factory=GenEvalConfig)
+    steps: int = 1000
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast for the transformer (the loss's softmax statistics stay fp32)
+    tf32: bool = True
+    ema_decay: float | None = None
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # generators are evaluated at the end (sampling N images is the expensive part)
+    evaluate: bool = True  # sample and score at the end of training
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenTrainConfig":
+        config = build_config(cls, data, "")
+        if config.sample.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"sample.cfg_schedule={config.sample.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+        return config
+
+
+def load_generator(run_dir: str | Path, ema: bool | None = None,
+                   device: str | torch.device = "cpu") -> tuple[GPT, GenTrainConfig]:
+    """A trained GPT and its run's config. ema None: the weight EMA when the run has one, else the live weights."""
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise FileNotFoundError(f"{run.config} not found; {run_dir} is not a vqtok generator run directory")
+    saved = run.read_config()
+    if "gpt" not in saved:
+        raise ValueError(f"{run_dir} is not a generator run (its config.json has no `gpt` section); for a tokenizer "
+                         "use vqtok eval / encode / decode")
+    config = GenTrainConfig.from_dict({k: v for k, v in saved.items()
+                                       if k not in ("gpt", "kind", "data_description", "world_size")})
+    model = GPT(GPTConfig.from_dict(saved["gpt"]))
+    use_ema = run.ema.is_file() if ema is None else ema
+    model.load_state_dict(load_state_dict(run.weights(ema=use_ema)), strict=True)
+    return model.to(device).eval(), config
+
