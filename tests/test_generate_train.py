@@ -139,3 +139,18 @@ def test_gen_sample_writes_an_adm_npz_and_a_grid(tmp_path):
     main(["gen", "sample", str(tmp_path / "run"), "--per-class", "2", "--cfg", "1.5", "--out", str(again),
           "--device", "cpu", "--no-progress"])
     assert np.array_equal(np.load(again)["arr_0"], arrays["arr_0"])
+
+
+def test_encode_augment_views_are_the_image_its_mirror_and_ten_crops():
+    from vqtok.train.command import augmented_views
+
+    images = torch.rand(2, 3, 11, 11)
+    flip = augmented_views(images, "flip", 11)
+    assert flip.shape == (2, 2, 3, 11, 11)
+    assert torch.equal(flip[:, 0], images) and torch.equal(flip[:, 1], images.flip(-1))
+    ten = augmented_views(images, "ten-crop", 8)  # LlamaGen: crops of 8 from a 1.1x larger square
+    assert ten.shape == (2, 10, 3, 8, 8)
+    assert torch.equal(ten[:, 0], images[..., 1:9, 1:9])  # view 0: the centre crop
+    assert torch.equal(ten[:, 1], images[..., :8, :8]) and torch.equal(ten[:, 4], images[..., 3:, 3:])
+    assert torch.equal(ten[:, 5:], ten[:, :5].flip(-1))
+    assert torch.equal(augmented_views(images, "none", 11)[:, 0], images)

@@ -10,6 +10,7 @@ EXAMPLES = """examples:
   vqtok train --config configs/demo.yaml --out runs/demo
   torchrun --nproc_per_node 8 -m vqtok.cli train --config configs/imagenet-f16-lc.yaml --data /data/imagenet --out runs/lc
   vqtok eval runs/demo
+  vqtok probe runs/demo --data fashion-mnist --features pooled
   vqtok encode runs/demo --data photos --out tokens/
   vqtok decode runs/demo tokens/ --out images/
   vqtok gen train --config configs/demo-gen.yaml --tokens tokens/fm-train --out runs/fm-gpt

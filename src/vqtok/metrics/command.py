@@ -51,6 +51,57 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="where to write the metrics (default RUN_DIR/metrics.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
+    add_probe_subcommand(subparsers)
+
+
+PROBE_EPILOG = """examples:
+  vqtok probe runs/demo --data fashion-mnist                  # pooled quantized features, full train/val splits
+  vqtok probe runs/demo --data fashion-mnist --features pixels   # the raw-pixel reference
+  vqtok probe runs/lc --data /data/imagenet --size 256 --train-limit 50000 --device cuda --ema
+
+Features: pooled = the quantized features z_q (B, D, h, w) averaged over positions (VQGAN-LC's classification task),
+flat = z_q flattened, pixels = raw pixels (no tokenizer). Each feature is standardised with the train statistics,
+then multinomial logistic regression is fitted by full-batch L-BFGS. The result is added to RUN_DIR/probe.json under
+its feature kind, with its protocol."""
+
+
+def add_probe_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "probe", help="linear probe: top-1 of logistic regression on a tokenizer's quantized features",
+        description="Fit a linear classifier on the train split's features and report top-1 on the val split.",
+        epilog=PROBE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="run directory (config.json + model.safetensors)")
+    p.add_argument("--data", help="fashion-mnist or a folder with class subfolders (default: the run's data source)")
+    p.add_argument("--features", choices=("pooled", "flat", "pixels"), default="pooled",
+                   help="pooled (default), flat or pixels (the reference)")
+    p.add_argument("--ema", action="store_true", help="use ema.safetensors instead of model.safetensors")
+    p.add_argument("--size", type=int, help="image size in pixels (default: the run's data size)")
+    p.add_argument("--train-limit", type=int, help="use N evenly spaced train images (default all)")
+    p.add_argument("--val-limit", type=int, help="use N evenly spaced val images (default all)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight of the fit (default 1e-4)")
+    p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations at most (default 500)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
+    p.add_argument("--out", type=Path, help="where to write the result (default RUN_DIR/probe.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_probe_command)
+
+
+def run_probe_command(args: argparse.Namespace) -> int:
+    from .probe import format_probe, run_probe
+
+    try:
+        result = run_probe(args.run_dir, args.data, args.features, ema=args.ema, size=args.size,
+                           train_limit=args.train_limit, val_limit=args.val_limit, batch_size=args.batch_size,
+                           device=resolve_device(args.device), weight_decay=args.weight_decay,
+                           max_iter=args.max_iter, out=args.out, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        print(f"vqtok probe: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+              file=sys.stderr)
+        return 2
+    print(format_probe(result))
+    print(f"wrote {args.out or args.run_dir / 'probe.json'}")
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
