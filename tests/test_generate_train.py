@@ -154,3 +154,48 @@ def test_encode_augment_views_are_the_image_its_mirror_and_ten_crops():
     assert torch.equal(ten[:, 1], images[..., :8, :8]) and torch.equal(ten[:, 4], images[..., 3:, 3:])
     assert torch.equal(ten[:, 5:], ten[:, :5].flip(-1))
     assert torch.equal(augmented_views(images, "none", 11)[:, 0], images)
+
+
+def write_idx(folder: Path, split: str, count: int) -> None:
+    """A Fashion-MNIST-layout folder: class c is a bright bar at rows 4 + 8c (3 classes), with pixel noise."""
+    names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}[split]
+    rng = np.random.default_rng(len(split))
+    labels = (np.arange(count) % CLASSES).astype(np.uint8)
+    images = rng.integers(0, 40, (count, 28, 28), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 4 + 8 * c : 8 + 8 * c, 3:25] = 230
+    folder.mkdir(parents=True, exist_ok=True)
+    header = lambda dims: bytes([0, 0, 8, len(dims)]) + b"".join(int(d).to_bytes(4, "big") for d in dims)
+    (folder / names[0]).write_bytes(header(images.shape) + images.tobytes())
+    (folder / names[1]).write_bytes(header(labels.shape) + labels.tobytes())
+
+
+@pytest.mark.slow
+def test_gen_train_ends_with_samples_scored_beside_the_reference_points(tmp_path):
+    """encode -> gen train -> the final evaluation: samples.npz/png, metrics.json with gfid, precision, recall,
+    class accuracy for the samples, no_cfg and the three reference points at the same N, and report.md."""
+    data = tmp_path / "idx"
+    write_idx(data, "train", 240)
+    write_idx(data, "val", 60)
+    torch.manual_seed(0)
+    Tokenizer(TokenizerConfig(preset="tiny", image_size=32, quantizer="vq", codebook_size=K, dim=4)).save_pretrained(
+        tmp_path / "tok-run")
+    assert main(["encode", str(tmp_path / "tok-run"), "--data", str(data), "--split", "train", "--augment", "flip",
+                 "--out", str(tmp_path / "tok")]) == 0
+    config = gen_config(tmp_path / "tok", "steps=4", "evaluate=true", "sample.per_class=4", "sample.batch_size=6",
+                        f"eval.classifier_cache={tmp_path / 'cls'}", "eval.batch_size=6")
+    metrics = GeneratorTrainer(config, tmp_path / "run", progress=False).train()["metrics"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["samples"] == metrics["samples"] == 12 and saved["cfg"] == 2.0
+    for block in (saved, *(saved[k] for k in ("no_cfg", "floor_real", "floor_recon", "ceiling_unigram"))):
+        assert np.isfinite(block["gfid"]) and 0 <= block["precision"] <= 1 and 0 <= block["recall"] <= 1
+        assert 0 <= block["class_accuracy"] <= 1 and block["samples"] == 12
+    # real training images sit closer to the real held-out set than anything an untrained tokenizer decodes
+    assert saved["floor_real"]["gfid"] < min(saved["gfid"], saved["floor_recon"]["gfid"])
+    assert saved["floor_real"]["class_accuracy"] >= 0.9  # the bars are easy: the classifier must see them
+    assert saved["protocol"]["reference_images"] == 12 and saved["inception_score"] is None
+    arrays = np.load(tmp_path / "run" / "samples.npz")
+    assert arrays["arr_0"].shape == (12, 32, 32, 3) and sorted(arrays["arr_1"].tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| gfid |" in report and "ceiling_unigram" in report
