@@ -68,6 +68,7 @@ demo-gen: install fashion-mnist
 	$(call demo_run,$(DEMO_GEN)/tokenizer,configs/demo-gen-tokenizer.yaml,)
 	test -f $(DEMO_GEN)/tokenizer/probe.json || ( \
 		$(VENV)/bin/vqtok probe $(DEMO_GEN)/tokenizer --data fashion-mnist --features pooled --train-limit 10000 && \
+		$(VENV)/bin/vqtok probe $(DEMO_GEN)/tokenizer --data fashion-mnist --features flat --train-limit 10000 && \
 		$(VENV)/bin/vqtok probe $(DEMO_GEN)/tokenizer --data fashion-mnist --features pixels --train-limit 10000 )
 	test -f $(DEMO_GEN)/tokens-train/index.json || $(VENV)/bin/vqtok encode $(DEMO_GEN)/tokenizer \
 		--data fashion-mnist --split train --augment flip --batch-size 500 --out $(DEMO_GEN)/tokens-train
