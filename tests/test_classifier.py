@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_colour_folder
+
 from vqtok.metrics import class_accuracy, classifier, load_or_train_classifier
 
 
@@ -66,16 +68,7 @@ def test_class_accuracy_accepts_every_image_form():
 @pytest.fixture(scope="module")
 def colour_folder(tmp_path_factory):
     """train/ and val/ with two classes: reddish and bluish 32 px noise images."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 16), ("val", 8)):
-        for label, channel in (("blue", 2), ("red", 0)):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
-                pixels[..., channel] += 130
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return root
+    return write_colour_folder(tmp_path_factory.mktemp("colours"), train=16, val=8)
 
 
 def test_the_classifier_is_cached_per_dataset_and_a_corrupt_cache_is_retrained(colour_folder, tmp_path, monkeypatch,

@@ -199,3 +199,13 @@ def test_gen_train_ends_with_samples_scored_beside_the_reference_points(tmp_path
     assert arrays["arr_0"].shape == (12, 32, 32, 3) and sorted(arrays["arr_1"].tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| gfid |" in report and "ceiling_unigram" in report
+
+
+def test_a_model_config_that_disagrees_with_the_tokens_is_refused(tmp_path):
+    tokens = write_tokens(tmp_path / "tok")
+    for field in ("vocab_size: 99", "grid: [4, 4]"):
+        config = gen_config(tokens, f"model={{preset: tiny, dim: 32, depth: 2, heads: 2, {field}}}")
+        with pytest.raises(ValueError, match="disagrees with the tokens"):
+            GeneratorTrainer(config, tmp_path / "run", progress=False)
+    config = gen_config(tokens, "model={preset: tiny, dim: 32, depth: 2, heads: 2, grid: [2, 2]}")
+    GeneratorTrainer(config, tmp_path / "ok", progress=False)  # the same values, as a list, are fine

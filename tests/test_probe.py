@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from conftest import write_colour_folder
 
 from vqtok.cli import main
 from vqtok.data.fashion_mnist import default_dir, has_idx_files
@@ -100,16 +100,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def colour_folder(tmp_path_factory):
     """train/ and val/ with two classes: reddish and bluish 32 px noise images."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("val", 8)):
-        for label, channel in (("blue", 2), ("red", 0)):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
-                pixels[..., channel] += 130
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return root
+    return write_colour_folder(tmp_path_factory.mktemp("colours"), train=12, val=8)
 
 
 def test_probe_command_writes_one_entry_per_feature_kind(run_dir, colour_folder, capsys):

@@ -95,8 +95,8 @@ def _refusal(path: Path, message: str) -> str:
             return f"{path} is not a PyTorch checkpoint ({detail})"
         return f"{path} cannot be read weights-only ({detail}); vqtok never unpickles arbitrary objects"
     return (f"{path} holds the pickled global {match.group(1)}, which vqtok will not unpickle (unpickling can run "
-            "code); where you trust the file, re-save only the weights, e.g. torch.save(torch.load(PATH, "
-            "weights_only=False)['state_dict'], 'weights.pt'), and convert that file")
+            "code); where you trust the file, re-save only the weights (its state_dict) with the project that made "
+            "it, e.g. as .safetensors, and convert that file")
 
 
 def state_dict_of(checkpoint: dict[str, Any], containers: tuple[str, ...],

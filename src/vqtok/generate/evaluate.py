@@ -15,10 +15,9 @@ The protocol (every number in metrics.json is measured this way, with the same N
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,12 +80,6 @@ def to_uint8(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def as_float(images: Tensor, batch_size: int) -> Iterator[Tensor]:
-    """uint8 (N, H, W, 3) -> batches of float (B, 3, H, W) in [0, 1], without holding N float images."""
-    for i in range(0, len(images), batch_size):
-        yield images[i : i + batch_size].permute(0, 3, 1, 2).float() / 255
-
-
 def write_samples(images: Tensor, labels: Tensor, out: str | Path, per_row: int | None = None) -> Path:
     """ADM-format .npz (arr_0 uint8 (N, H, W, 3), arr_1 int64 labels) at `out`, and a PNG grid beside it: one row per
     class (its first samples), at most 16 columns."""
@@ -125,7 +118,7 @@ def evaluate_generator(run_dir: str | Path, *, model: GPT | None = None, device:
     """Sample the run (class-balanced, N = per_class x classes), score the samples and the reference points against
     N real held-out images, write samples.npz / samples.png, metrics.json and report.md into the run directory.
     `model` (the trainer's evaluation weights) replaces the saved ones."""
-    from ..metrics.classifier import load_or_train_classifier
+    from ..metrics.classifier import image_batches, load_or_train_classifier
     from ..metrics.generation import generation_metrics, inception_outputs, unigram_tokens
 
     run = RunDir(run_dir)
@@ -146,11 +139,11 @@ def evaluate_generator(run_dir: str | Path, *, model: GPT | None = None, device:
     real, real_labels, real_description = real_images(source, "val", size, count)
     classifier, classifier_info = load_or_train_classifier(source, size, cache_dir=config.eval.classifier_cache,
                                                            device=device, progress=progress)
-    real_features, _ = inception_outputs(as_float(real, batch), batch_size=batch, device=device, progress=progress)
+    real_features, _ = inception_outputs(real.numpy(), batch_size=batch, device=device, progress=progress)
     reference = f"{count} real {source} val images (evenly spaced), {size} px"
 
     def score(images: Tensor, image_labels: Tensor) -> dict[str, Any]:
-        return generation_metrics(as_float(images, batch), image_labels, real_features=real_features,
+        return generation_metrics(images.numpy(), image_labels, real_features=real_features,
                                   classifier=classifier, classifier_info=classifier_info, reference=reference,
                                   batch_size=batch, device=device, progress=progress)
 
@@ -170,7 +163,7 @@ def evaluate_generator(run_dir: str | Path, *, model: GPT | None = None, device:
         metrics["floor_real"] = _without_protocol(score(train, train_labels))
         with torch.no_grad():
             recon = torch.cat([to_uint8(tokenizer.decode(tokenizer.encode(x.to(device)))).cpu()
-                               for x in as_float(train, batch)])
+                               for x, _ in image_batches(train.numpy(), batch_size=batch)])
         metrics["floor_recon"] = _without_protocol(score(recon, train_labels))
         all_tokens, all_labels = tokens.all_tokens()
         drawn = unigram_tokens(torch.from_numpy(all_tokens), all_labels, labels,

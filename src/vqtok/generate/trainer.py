@@ -23,7 +23,8 @@ from .config import GenTrainConfig
 def gpt_config(config: GenTrainConfig, tokens: TokenShards) -> GPTConfig:
     """The GPT of a run: config.model's preset and fields, with K, the classes and the grid taken from the tokens."""
     fixed = {"vocab_size": tokens.codebook_size, "num_classes": max(1, tokens.num_classes), "grid": tokens.grid}
-    clash = {k: config.model[k] for k in fixed if k in config.model and config.model[k] != fixed[k] and k != "grid"}
+    given = GPTConfig.from_dict({**config.model, **{k: v for k, v in fixed.items() if k not in config.model}})
+    clash = {k: config.model[k] for k in fixed if k in config.model and getattr(given, k) != fixed[k]}
     if clash:
         raise ValueError(f"model {clash} disagrees with the tokens in {tokens.folder} ({fixed}); leave them out of "
                          "the config: they are read from the tokens")
