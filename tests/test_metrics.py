@@ -206,6 +206,24 @@ def test_inception_features_are_deterministic_and_batch_independent(inception):
     assert fid_from_features(features, degraded) > 1.0
 
 
+
+@pytest.mark.slow
+def test_eager_inception_computes_the_torchscript_graphs_features(inception):
+    """The eager network (batch norm folded, channels-last, vqtok's pools) against the shipped TorchScript graph it
+    was built from, on natural-looking and noise images: the same pool3 features to float32 round-off."""
+    from vqtok.backbones.inception import _load_torchscript
+
+    x, y = image_pairs()
+    images = torch.cat([x, y, torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))])
+    prepared = inception_input(images)
+    script = _load_torchscript(str(inception.weights.resolve()), "cpu")
+    with torch.no_grad():
+        expected = script(prepared).double()
+        got = inception.network(prepared).double()
+    assert got.shape == expected.shape == (len(images), 2048)
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert error < 1e-5, f"eager features differ from the graph's by {float(error):.2e} of their scale"
+
 # -- LPIPS ----------------------------------------------------------------------------------------------------------
 def test_lpips_is_none_with_one_notice_when_weights_are_absent(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("VQTOK_LPIPS_DIR", raising=False)
