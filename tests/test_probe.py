@@ -11,7 +11,7 @@ from conftest import write_colour_folder
 
 from vqtok.cli import main
 from vqtok.data.fashion_mnist import default_dir, has_idx_files
-from vqtok.metrics import fit_linear_probe
+from vqtok.metrics import fit_linear_probe, run_probe, run_probes
 from vqtok.models import Tokenizer, TokenizerConfig
 
 
@@ -116,6 +116,25 @@ def test_probe_command_writes_one_entry_per_feature_kind(run_dir, colour_folder,
     assert saved["pooled"]["protocol"]["model"]["weights"] == "model.safetensors"
     assert saved["pixels"]["protocol"]["data"]["val"]["count"] == 16
 
+
+
+def test_probing_several_kinds_at_once_encodes_once_and_equals_one_kind_at_a_time(run_dir, colour_folder, tmp_path,
+                                                                                 monkeypatch):
+    from vqtok.models import Tokenizer
+
+    separate = {kind: run_probe(run_dir, str(colour_folder), kind, out=tmp_path / f"{kind}.json")
+                for kind in ("pooled", "flat", "pixels")}
+    calls = []
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
+    together = run_probes(run_dir, str(colour_folder), ("pooled", "flat", "pixels"), out=tmp_path / "all.json")
+    assert sum(calls) == 24 + 16, f"{sum(calls)} images encoded for 24 train + 16 val images"
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert set(together) == set(saved) == {"pooled", "flat", "pixels"}
+    for kind, entry in separate.items():
+        assert together[kind]["dims"] == entry["dims"] and together[kind]["features"] == kind
+        assert together[kind]["top1"] == entry["top1"] and together[kind]["train_top1"] == entry["train_top1"]
+        assert together[kind]["train_loss"] == pytest.approx(entry["train_loss"], rel=1e-6)
 
 @pytest.mark.skipif(not has_idx_files(default_dir()), reason="Fashion-MNIST is not installed")
 def test_probe_command_on_fashion_mnist(run_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ number), and the loop that writes metrics.json.
 - generation_metrics, inception_outputs, inception_score, precision_recall, unigram_tokens: a generator's samples
   against real images (gFID, k-NN precision/recall, IS where logits exist, class accuracy); the unigram ceiling.
 - load_or_train_classifier, class_accuracy: the cached small CNN that judges the class of samples.
-- fit_linear_probe, run_probe: the linear probe on a tokenizer's quantized features (`vqtok probe`).
+- fit_linear_probe, run_probe(s): the linear probe on a tokenizer's quantized features (`vqtok probe`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from .fid import feature_statistics, fid_from_features, frechet_distance, kid
 from .classifier import class_accuracy, load_or_train_classifier
 from .generation import generation_metrics, inception_outputs, inception_score, precision_recall, unigram_tokens
 from .image import psnr, ssim
-from .probe import fit_linear_probe, run_probe
+from .probe import fit_linear_probe, run_probe, run_probes
 from .lpips import load_lpips
 
 __all__ = [
     "psnr", "ssim", "InceptionFeatures", "inception_weights_path", "file_sha256", "feature_statistics",
     "frechet_distance", "fid_from_features", "kid", "LPIPS", "load_lpips", "evaluate", "format_table", "write_metrics",
     "generation_metrics", "inception_outputs", "inception_score", "precision_recall", "unigram_tokens",
-    "load_or_train_classifier", "class_accuracy", "fit_linear_probe", "run_probe",
+    "load_or_train_classifier", "class_accuracy", "fit_linear_probe", "run_probe", "run_probes",
 ]
 
 

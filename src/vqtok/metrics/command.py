@@ -56,7 +56,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 PROBE_EPILOG = """examples:
   vqtok probe runs/demo --data fashion-mnist                  # pooled quantized features, full train/val splits
-  vqtok probe runs/demo --data fashion-mnist --features pixels   # the raw-pixel reference
+  vqtok probe runs/demo --data fashion-mnist --features pooled flat pixels   # and the raw-pixel reference
   vqtok probe runs/lc --data /data/imagenet --size 256 --train-limit 50000 --device cuda --ema
 
 Features: pooled = the quantized features z_q (B, D, h, w) averaged over positions (VQGAN-LC's classification task),
@@ -72,8 +72,9 @@ def add_probe_subcommand(subparsers: argparse._SubParsersAction) -> None:
         epilog=PROBE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="run directory (config.json + model.safetensors)")
     p.add_argument("--data", help="fashion-mnist or a folder with class subfolders (default: the run's data source)")
-    p.add_argument("--features", choices=("pooled", "flat", "pixels"), default="pooled",
-                   help="pooled (default), flat or pixels (the reference)")
+    p.add_argument("--features", choices=("pooled", "flat", "pixels"), nargs="+", default=["pooled"],
+                   help="one or more of pooled (default), flat and pixels (the reference); the images are "
+                        "encoded once for all")
     p.add_argument("--ema", action="store_true", help="use ema.safetensors instead of model.safetensors")
     p.add_argument("--size", type=int, help="image size in pixels (default: the run's data size)")
     p.add_argument("--train-limit", type=int, help="use N evenly spaced train images (default all)")
@@ -88,10 +89,10 @@ def add_probe_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_probe_command(args: argparse.Namespace) -> int:
-    from .probe import format_probe, run_probe
+    from .probe import format_probe, run_probes
 
     try:
-        result = run_probe(args.run_dir, args.data, args.features, ema=args.ema, size=args.size,
+        results = run_probes(args.run_dir, args.data, tuple(args.features), ema=args.ema, size=args.size,
                            train_limit=args.train_limit, val_limit=args.val_limit, batch_size=args.batch_size,
                            device=resolve_device(args.device), weight_decay=args.weight_decay,
                            max_iter=args.max_iter, out=args.out, progress=not args.no_progress)
@@ -99,7 +100,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
         print(f"vqtok probe: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
               file=sys.stderr)
         return 2
-    print(format_probe(result))
+    for result in results.values():
+        print(format_probe(result))
     print(f"wrote {args.out or args.run_dir / 'probe.json'}")
     return 0
 

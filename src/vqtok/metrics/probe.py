@@ -2,7 +2,7 @@
 regression on a tokenizer's quantized features, fitted on the train split, top-1 reported on the val split.
 
     result = fit_linear_probe(train_x, train_y, val_x, val_y)      # {"top1": ..., "train_top1": ..., ...}
-    vqtok probe runs/demo --data fashion-mnist [--features pooled|flat|pixels]
+    vqtok probe runs/demo --data fashion-mnist [--features pooled flat pixels]
 
 Features (z_q = q.embed(encode(x)), the (B, D, h, w) codes that decode uses):
 - pooled: z_q averaged over the h x w positions, (B, D): the codes of each token, pooled (the standard protocol);
@@ -104,46 +104,67 @@ def _as_labels(y: Any, device: torch.device) -> Tensor:
     return torch.as_tensor(np.asarray(y)).long().reshape(-1).to(device)
 
 
-@torch.no_grad()
 def extract_features(tokenizer: Any, dataset: Any, kind: str = "pooled", batch_size: int = 64,
                      device: str | torch.device = "cpu", progress: bool = False) -> tuple[Tensor, Tensor]:
     """(features (N, F) float32 on the CPU, labels (N,) int64) of a labelled dataset; see FEATURE_PROTOCOL."""
+    features, labels = extract_feature_sets(tokenizer, dataset, (kind,), batch_size, device, progress)
+    return features[kind], labels
+
+
+@torch.no_grad()
+def extract_feature_sets(tokenizer: Any, dataset: Any, kinds: tuple[str, ...], batch_size: int = 64,
+                         device: str | torch.device = "cpu",
+                         progress: bool = False) -> tuple[dict[str, Tensor], Tensor]:
+    """Several feature kinds of a labelled dataset in one pass (the images are encoded once): ({kind: (N, F)
+    float32 on the CPU}, labels (N,) int64)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    if kind not in FEATURES:
-        raise ValueError(f"unknown feature kind {kind!r}; use one of {', '.join(FEATURES)}")
+    unknown = [kind for kind in kinds if kind not in FEATURES]
+    if unknown or not kinds:
+        raise ValueError(f"unknown feature kind {unknown[0] if unknown else None!r}; use one of {', '.join(FEATURES)}")
     device = torch.device(device)
     if tokenizer is not None:
         tokenizer.to(device).eval()
-    features, labels = [], []
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc=f"features ({kind})",
+    features: dict[str, list[Tensor]] = {kind: [] for kind in kinds}
+    labels = []
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc=f"features ({', '.join(kinds)})",
                      unit="batch", disable=not progress, dynamic_ncols=True):
         x = x.to(device).float()  # (B, 3, H, W) in [0, 1]
-        if kind == "pixels":
-            f = x.reshape(len(x), -1)
-        else:
+        z_q = None
+        if "pooled" in kinds or "flat" in kinds:
             z_q = tokenizer.quantizer.embed(tokenizer.encode(x)).float()  # (B, D, h, w)
-            f = z_q.mean(dim=(2, 3)) if kind == "pooled" else z_q.reshape(len(x), -1)
-        features.append(f.cpu())
+        for kind in kinds:
+            f = (x.reshape(len(x), -1) if kind == "pixels" else
+                 z_q.mean(dim=(2, 3)) if kind == "pooled" else z_q.reshape(len(x), -1))
+            features[kind].append(f.cpu())
         labels.append(torch.as_tensor(y).long())
-    if not features:
+    if not labels:
         raise ValueError("the probe's dataset holds no images")
-    return torch.cat(features), torch.cat(labels)
+    return {kind: torch.cat(parts) for kind, parts in features.items()}, torch.cat(labels)
 
 
-def run_probe(run_dir: str | Path, data: str | None = None, features: str = "pooled", *, ema: bool = False,
-              size: int | None = None, train_limit: int | None = None, val_limit: int | None = None,
-              batch_size: int = 64, device: str | torch.device = "cpu", weight_decay: float = WEIGHT_DECAY,
-              max_iter: int = MAX_ITER, out: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Probe a run's tokenizer on `data` (default: the run's data source) and record the result in
-    RUN/probe.json (or `out`) under its feature kind; returns that entry."""
+def run_probe(run_dir: str | Path, data: str | None = None, features: str = "pooled", **options: Any) -> dict[str, Any]:
+    """Probe one feature kind (run_probes' options); returns its entry."""
+    return run_probes(run_dir, data, (features,), **options)[features]
+
+
+def run_probes(run_dir: str | Path, data: str | None = None, features: tuple[str, ...] = ("pooled",), *,
+               ema: bool = False, size: int | None = None, train_limit: int | None = None,
+               val_limit: int | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
+               weight_decay: float = WEIGHT_DECAY, max_iter: int = MAX_ITER, out: str | Path | None = None,
+               progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Probe a run's tokenizer on `data` (default: the run's data source) with each feature kind (the images are
+    encoded once for all of them) and record each result in RUN/probe.json (or `out`) under its kind; returns
+    {kind: entry}."""
     from ..core.rundir import RunDir
     from ..data import build_dataset
     from ..models import Tokenizer
 
-    if features not in FEATURES:
-        raise ValueError(f"unknown feature kind {features!r}; use one of {', '.join(FEATURES)}")
+    features = tuple(dict.fromkeys(features))  # in order, once each
+    unknown = [kind for kind in features if kind not in FEATURES]
+    if unknown or not features:
+        raise ValueError(f"unknown feature kind {unknown[0] if unknown else None!r}; use one of {', '.join(FEATURES)}")
     for name, limit in (("train_limit", train_limit), ("val_limit", val_limit)):
         if limit is not None and int(limit) < 1:
             raise ValueError(f"{name} must be a positive number of images, got {limit}")
@@ -152,26 +173,30 @@ def run_probe(run_dir: str | Path, data: str | None = None, features: str = "poo
     source = data or (config.get("data") or {}).get("source") or "fashion-mnist"
     require_shared_classes(source)
     size = size or (config.get("data") or {}).get("size") or (config.get("model") or {}).get("image_size")
-    tokenizer = None if features == "pixels" else _load_tokenizer(Tokenizer, run.path, ema, device)
+    needs_model = any(kind != "pixels" for kind in features)
+    tokenizer = _load_tokenizer(Tokenizer, run.path, ema, device) if needs_model else None
     splits = {}
     for split, limit in (("train", train_limit), ("val", val_limit)):
         dataset = build_dataset(source, split, size=size, length=limit, train_crops=False)
-        splits[split] = (dataset, *extract_features(tokenizer, dataset, features, batch_size, device, progress))
+        splits[split] = (dataset, *extract_feature_sets(tokenizer, dataset, features, batch_size, device, progress))
     (train_set, train_x, train_y), (val_set, val_x, val_y) = splits["train"], splits["val"]
     check_shared_classes(train_y, val_y, source)
-    result = fit_linear_probe(train_x, train_y, val_x, val_y, weight_decay=weight_decay, max_iter=max_iter,
-                              device=device)
-    result["features"] = features
-    result["protocol"] = {
-        "features": FEATURE_PROTOCOL[features], "fit": result.pop("fit"),
-        "data": {"train": train_set.describe(), "val": val_set.describe()},
-        "model": None if tokenizer is None else {"run_dir": str(run.path),
-                                                 "weights": RunDir.EMA if ema else RunDir.MODEL},
-        "metric": "top-1 accuracy on the val split",
-    }
+    results = {}
+    for kind in features:
+        result = fit_linear_probe(train_x[kind], train_y, val_x[kind], val_y, weight_decay=weight_decay,
+                                  max_iter=max_iter, device=device)
+        result["features"] = kind
+        result["protocol"] = {
+            "features": FEATURE_PROTOCOL[kind], "fit": result.pop("fit"),
+            "data": {"train": train_set.describe(), "val": val_set.describe()},
+            "model": None if kind == "pixels" else {"run_dir": str(run.path),
+                                                    "weights": RunDir.EMA if ema else RunDir.MODEL},
+            "metric": "top-1 accuracy on the val split",
+        }
+        results[kind] = result
     path = Path(out) if out is not None else run.path / PROBE_FILE
-    write_json(path, {**_read_entries(path), features: result})
-    return result
+    write_json(path, {**_read_entries(path), **results})
+    return results
 
 
 def _load_tokenizer(cls: Any, path: Path, ema: bool, device: str | torch.device) -> Any:
