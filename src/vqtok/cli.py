@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .core.allocator import keep_freed_memory
+
 EXAMPLES = """examples:
   vqtok codebook build --encoder efficientnet-lite0 --data photos --size 100000 --out codebook.safetensors
   vqtok train --config configs/demo.yaml --out runs/demo
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large CPU tensors stop faulting their pages in at every call (core/allocator.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
