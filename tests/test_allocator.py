@@ -22,8 +22,8 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str, env: dict[str, str] | None = None) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True, env=env)
+def _faults(mode: str) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
     kept, faults = out.stdout.split()
     return kept == "True", int(faults)
 

@@ -104,6 +104,14 @@ def _as_labels(y: Any, device: torch.device) -> Tensor:
     return torch.as_tensor(np.asarray(y)).long().reshape(-1).to(device)
 
 
+def _check_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [kind for kind in kinds if kind not in FEATURES]
+    if unknown or not kinds:
+        raise ValueError(f"unknown feature kind {unknown[0]!r}; use one of {', '.join(FEATURES)}" if unknown else
+                         f"no feature kind given; use one or more of {', '.join(FEATURES)}")
+    return kinds
+
+
 def extract_features(tokenizer: Any, dataset: Any, kind: str = "pooled", batch_size: int = 64,
                      device: str | torch.device = "cpu", progress: bool = False) -> tuple[Tensor, Tensor]:
     """(features (N, F) float32 on the CPU, labels (N,) int64) of a labelled dataset; see FEATURE_PROTOCOL."""
@@ -120,9 +128,7 @@ def extract_feature_sets(tokenizer: Any, dataset: Any, kinds: tuple[str, ...], b
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    unknown = [kind for kind in kinds if kind not in FEATURES]
-    if unknown or not kinds:
-        raise ValueError(f"unknown feature kind {unknown[0] if unknown else None!r}; use one of {', '.join(FEATURES)}")
+    _check_kinds(kinds)
     device = torch.device(device)
     if tokenizer is not None:
         tokenizer.to(device).eval()
@@ -161,10 +167,7 @@ def run_probes(run_dir: str | Path, data: str | None = None, features: tuple[str
     from ..data import build_dataset
     from ..models import Tokenizer
 
-    features = tuple(dict.fromkeys(features))  # in order, once each
-    unknown = [kind for kind in features if kind not in FEATURES]
-    if unknown or not features:
-        raise ValueError(f"unknown feature kind {unknown[0] if unknown else None!r}; use one of {', '.join(FEATURES)}")
+    features = _check_kinds(tuple(dict.fromkeys(features)))  # in order, once each; checked before any loading
     for name, limit in (("train_limit", train_limit), ("val_limit", val_limit)):
         if limit is not None and int(limit) < 1:
             raise ValueError(f"{name} must be a positive number of images, got {limit}")
