@@ -61,7 +61,8 @@ fashion-mnist:
 	fi
 
 # Tokens -> generator: an lc tokenizer on Fashion-MNIST (configs/demo-gen-tokenizer.yaml), its linear probe (pooled and
-# flat quantized features, and raw pixels as the reference, one encoding pass), the training set encoded (no flips:
+# flat quantized features, and raw pixels as the reference, one encoding pass; L-BFGS stopped at 100 iterations: top-1
+# within 0.01 of 500 for every kind, and the 3,072-d pixel fit takes 6 s instead of 62), the training set encoded (no flips:
 # Fashion-MNIST's shoes all face left, so mirrored training images are a distribution the reference never shows), a
 # GPT on those tokens (configs/demo-gen.yaml) sampled and scored at N = 1,000. Run again, each stage continues or is
 # skipped when done.
@@ -69,7 +70,7 @@ DEMO_GEN := runs/demo-gen
 demo-gen: install fashion-mnist
 	$(call demo_run,$(DEMO_GEN)/tokenizer,configs/demo-gen-tokenizer.yaml,)
 	test -f $(DEMO_GEN)/tokenizer/probe.json || $(VENV)/bin/vqtok probe $(DEMO_GEN)/tokenizer --data fashion-mnist \
-		--features pooled flat pixels --train-limit 10000
+		--features pooled flat pixels --train-limit 10000 --max-iter 100
 	test -f $(DEMO_GEN)/tokens-train/index.json || $(VENV)/bin/vqtok encode $(DEMO_GEN)/tokenizer \
 		--data fashion-mnist --split train --augment none --batch-size 64 --out $(DEMO_GEN)/tokens-train
 	if [ -f $(DEMO_GEN)/gpt/trainer.pt ]; then \

@@ -44,7 +44,13 @@ class GenEvalConfig:
     no_cfg: bool = True  # also sample at cfg 1 and report it beside (gfid_no_cfg, ...)
     references: bool = True  # floor_real, floor_recon and ceiling_unigram, with the same N as the samples
     classifier_cache: str = ".cache/classifiers"
-    batch_size: int = 100  # images per decode / Inception batch
+    # Images per decode / Inception batch; None: 16 on the CPU, 100 on CUDA. The features do not depend on it; on
+    # this 2-core CPU the FID Inception takes 58.7 ms/image at 16, 71.6 at 32 and 71.9 at 100 (200 images, three
+    # alternating rounds, median): big batches of 299 px activations fall out of the cache.
+    batch_size: int | None = None
+
+    def batch_for(self, device: torch.device | str) -> int:
+        return self.batch_size or (100 if torch.device(device).type == "cuda" else 16)
 
 
 @dataclass
@@ -76,6 +82,8 @@ class GenTrainConfig:
         config = build_config(cls, data, "")
         if config.sample.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"sample.cfg_schedule={config.sample.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+        if config.eval.batch_size is not None and config.eval.batch_size < 1:
+            raise ValueError(f"eval.batch_size={config.eval.batch_size}; use a positive number of images or null")
         return config
 
 

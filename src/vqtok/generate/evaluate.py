@@ -132,7 +132,7 @@ def evaluate_generator(run_dir: str | Path, *, model: GPT | None = None, device:
     if not source:
         raise ValueError(f"the tokens in {config.data.tokens} do not record their image source; set eval.data")
     size = int(tokens.index.get("image_size") or tokenizer.config.image_size)
-    batch = config.eval.batch_size
+    batch = config.eval.batch_for(device)
 
     labels = balanced_labels(model.config.num_classes, sampling.per_class)
     count = len(labels)
