@@ -209,3 +209,11 @@ def test_a_model_config_that_disagrees_with_the_tokens_is_refused(tmp_path):
             GeneratorTrainer(config, tmp_path / "run", progress=False)
     config = gen_config(tokens, "model={preset: tiny, dim: 32, depth: 2, heads: 2, grid: [2, 2]}")
     GeneratorTrainer(config, tmp_path / "ok", progress=False)  # the same values, as a list, are fine
+
+
+def test_eval_batch_defaults_by_device_and_a_bad_one_is_refused():
+    config = GenTrainConfig.from_dict({"data": {"tokens": "t"}})
+    assert config.eval.batch_for("cpu") == 16 and config.eval.batch_for("cuda") == 100
+    assert GenTrainConfig.from_dict({"data": {"tokens": "t"}, "eval": {"batch_size": 7}}).eval.batch_for("cpu") == 7
+    with pytest.raises(ValueError, match="eval.batch_size"):
+        GenTrainConfig.from_dict({"data": {"tokens": "t"}, "eval": {"batch_size": 0}})
