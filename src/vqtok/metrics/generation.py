@@ -94,12 +94,17 @@ def _stream(images: ImagesLike, labels: Any, batch_size: int, device: str | torc
 
 # -- Inception Score -----------------------------------------------------------------------------------------------
 
-def inception_score(logits: FloatArray, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) over `splits` contiguous splits of exp(E_x KL(p(y|x) || p(y))), p(y) the split's mean
-    prediction; logits (N, C) (any additive constant per row is irrelevant). ADM uses splits of 5,000 images."""
+def inception_score(logits: FloatArray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) over `splits` splits of exp(E_x KL(p(y|x) || p(y))), p(y) the split's mean prediction; logits
+    (N, C) (any additive constant per row is irrelevant). ADM uses splits of 5,000 images.
+
+    The splits are drawn at random (a fixed permutation from `seed`), not contiguous as in ADM's evaluator: ADM's
+    samples come in random label order, vqtok's class-balanced ones sorted by class, and a split holding a few
+    classes has a narrow p(y) and an Inception Score near its class count instead of the whole set's."""
     log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)  # (N, C)
     if log_p.dim() != 2 or len(log_p) < splits or splits < 1:
         raise ValueError(f"inception_score needs (N >= splits, C) logits, got {tuple(log_p.shape)} for {splits} splits")
+    log_p = log_p[torch.from_numpy(np.random.default_rng(seed).permutation(len(log_p)))]
     scores = []
     for part in torch.tensor_split(log_p, splits):
         log_marginal = torch.logsumexp(part, dim=0) - np.log(len(part))  # log p(y) of the split, (C,)
