@@ -35,8 +35,8 @@ PR_PROTOCOL = ("k-NN manifolds (Kynkaenniemi et al. 2019) as ADM's evaluator: a 
                "balls around its features with radius = distance to the k-th nearest neighbour within the set "
                "(self excluded); precision = share of samples inside the real manifold, recall = share of real "
                "images inside the samples' manifold; Euclidean distances on Inception pool3 features")
-IS_PROTOCOL = ("exp(mean KL(p(y|x) || p(y))) per split of the samples in order, mean and std over splits "
-               "(Salimans et al. 2016)")
+IS_PROTOCOL = ("exp(mean KL(p(y|x) || p(y))) per split of the samples (random splits, permutation seed 0), mean "
+               "and std over splits (Salimans et al. 2016)")
 UNIGRAM_PROTOCOL = ("each token drawn independently from its class's code frequencies AT ITS POSITION (the "
                     "empirical per-position, per-class distribution of the tokenized real training images); a "
                     "class with fewer than {min_class_images} images uses its frequencies pooled over positions")
