@@ -21,6 +21,7 @@ from vqtok.generate import (
     top_k_top_p_filter,
 )
 from vqtok.generate.ar import apply_rope, rope_2d_table
+from vqtok.generate.config import GenTrainConfig
 
 VARIANTS = {
     "rope2d": {},
@@ -355,6 +356,15 @@ def test_top_p_keeps_the_smallest_set_with_enough_mass():
     # top-k first, then top-p on the renormalised rest: after top-2, {0.5, 0.3} -> {0.625, 0.375}
     both = torch.isfinite(top_k_top_p_filter(logits, top_k=2, top_p=0.6))[0].tolist()
     assert both == [False, True, False, False]
+    assert torch.isfinite(top_k_top_p_filter(logits, top_p=0.0))[0].tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("option", [{"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"temperature": -0.5}])
+def test_sampling_settings_it_cannot_use_are_refused(option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        sample(small_gpt(), torch.tensor([0, 1]), **option)
+    with pytest.raises(ValueError, match=next(iter(option))):
+        GenTrainConfig.from_dict({"sample": option})  # before any training starts
 
 
 def test_temperature_to_zero_picks_the_argmax():

@@ -13,7 +13,7 @@ from ..core.io import load_state_dict
 from ..core.rundir import RunDir
 from ..train.config import OptimConfig, build_config
 from .ar import GPT, GPTConfig
-from .sample import CFG_SCHEDULES
+from .sample import CFG_SCHEDULES, check_sampling
 
 
 @dataclass
@@ -36,6 +36,16 @@ class SampleConfig:
     per_class: int = 50  # balanced labels: this many samples of every class
     batch_size: int = 256
     seed: int = 0
+
+    def check(self) -> "SampleConfig":
+        """ValueError, naming the key, for settings sampling cannot use; else self."""
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"sample.cfg_schedule={self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.per_class < 1 or self.batch_size < 1:
+            raise ValueError(f"sample.per_class={self.per_class}, sample.batch_size={self.batch_size}: both must be "
+                             "at least 1")
+        return self
 
 
 @dataclass
@@ -80,8 +90,7 @@ class GenTrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenTrainConfig":
         config = build_config(cls, data, "")
-        if config.sample.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"sample.cfg_schedule={config.sample.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+        config.sample.check()
         if config.eval.batch_size is not None and config.eval.batch_size < 1:
             raise ValueError(f"eval.batch_size={config.eval.batch_size}; use a positive number of images or null")
         return config

@@ -48,9 +48,7 @@ def load_for_sampling(run_dir: str | Path, sample_overrides: dict[str, Any] | No
     if tokenizer.codebook_size != model.config.vocab_size:
         raise ValueError(f"the tokenizer {config.tokenizer} has {tokenizer.codebook_size} codes but the generator "
                          f"predicts {model.config.vocab_size}; point `tokenizer` at the run that encoded its tokens")
-    sampling = replace(config.sample, **(sample_overrides or {}))
-    if sampling.per_class < 1:
-        raise ValueError(f"per_class must be at least 1, got {sampling.per_class}")
+    sampling = replace(config.sample, **(sample_overrides or {})).check()
     return model, tokenizer, sampling, config
 
 

@@ -21,6 +21,16 @@ def balanced_labels(num_classes: int, per_class: int = 50) -> Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError for a temperature below 0, a negative top_k or a top_p outside (0, 1]."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] (1 or None: off), got {top_p}")
+
+
 def top_k_top_p_filter(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """logits (..., K) with -inf outside the top k (ties with the k-th value kept) and then outside the nucleus: the
     smallest set of highest-probability entries whose probability (after top-k) sums to >= top_p (the most likely
@@ -33,6 +43,7 @@ def top_k_top_p_filter(logits: Tensor, top_k: int | None = None, top_p: float | 
         probs = sorted_logits.float().softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the entries ranked above each
         remove_sorted = mass_before >= top_p  # the set is already big enough without this one
+        remove_sorted[..., 0] = False  # the most likely entry stays, whatever top_p is
         remove = remove_sorted.scatter(-1, order, remove_sorted)  # back to vocabulary order
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
@@ -66,8 +77,7 @@ def sample(model: GPT, labels: Tensor, *, cfg_scale: float = 1.0, cfg_schedule: 
     torch.Generator on the model's device; None uses the global RNG. use_cache False recomputes the whole prefix
     at every step (the reference). batch_size: conditional rows per forward (None: all N at once)."""
     config = model.config
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"unknown cfg schedule {cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
     guide = cfg_scale != 1.0 if guide is None else guide
