@@ -217,3 +217,39 @@ def test_eval_batch_defaults_by_device_and_a_bad_one_is_refused():
     assert GenTrainConfig.from_dict({"data": {"tokens": "t"}, "eval": {"batch_size": 7}}).eval.batch_for("cpu") == 7
     with pytest.raises(ValueError, match="eval.batch_size"):
         GenTrainConfig.from_dict({"data": {"tokens": "t"}, "eval": {"batch_size": 0}})
+
+
+def test_the_default_guidance_follows_label_dropout_and_an_unusable_scale_is_refused_before_training(tmp_path):
+    tokens = write_tokens(tmp_path / "tok")
+    model = "model={preset: tiny, dim: 32, depth: 2, heads: 2, class_dropout: 0.0}"  # as VQGAN-LC's GPT
+    trainer = GeneratorTrainer(gen_config(tokens, model, "evaluate=true"), tmp_path / "lc", progress=False)
+    assert trainer.config.sample.cfg_scale is None  # default: resolved per model
+    assert trainer.config.sample.for_model(trainer.gpt_config).cfg_scale == 1.0
+    with pytest.raises(ValueError, match="sample.cfg_scale=2.0.*label dropout"):
+        GeneratorTrainer(gen_config(tokens, model, "evaluate=true", "sample.cfg_scale=2"), tmp_path / "cfg",
+                         progress=False)
+    assert not (tmp_path / "cfg" / "trainer.pt").exists()
+    plain = GeneratorTrainer(gen_config(tokens, "evaluate=true"), tmp_path / "llamagen", progress=False)
+    assert plain.config.sample.for_model(plain.gpt_config).cfg_scale == 2.0  # class_dropout 0.1
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_samples_are_decoded_by_the_tokenizer_weights_that_encoded_the_tokens(tmp_path, ema):
+    from vqtok.core.io import save_state_dict
+    from vqtok.generate.evaluate import load_for_sampling
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(preset="tiny", image_size=8, quantizer="vq", codebook_size=K, dim=4))
+    assert tokenizer.grid == GRID
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    averaged = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in tokenizer.state_dict().items()}
+    save_state_dict(averaged, tmp_path / "tokenizer" / "ema.safetensors")
+    tokens = write_tokens(tmp_path / "tok", run=str(tmp_path / "tokenizer"))
+    index = json.loads((tokens / "index.json").read_text())
+    (tokens / "index.json").write_text(json.dumps({**index, "ema": ema}))  # what `vqtok encode [--ema]` records
+    GeneratorTrainer(gen_config(tokens, "steps=1"), tmp_path / "run", progress=False).train()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["tokenizer_ema"] is ema
+    _, loaded, _, _ = load_for_sampling(tmp_path / "run")
+    expected = averaged if ema else tokenizer.state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())

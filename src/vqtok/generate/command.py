@@ -75,7 +75,9 @@ def run_train(args: argparse.Namespace) -> int:
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Options that override the run's `sample` section."""
     p.add_argument("--per-class", type=int, help="samples of each class (balanced labels; default: the run's, 50)")
-    p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg", type=float, dest="cfg_scale",
+                   help="classifier-free guidance scale (1: none; default: the run's sample.cfg_scale, itself 2.0 "
+                   "for a GPT trained with label dropout, 1 without)")
     p.add_argument("--cfg-schedule", choices=("constant", "linear"))
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ class SampleConfig:
     """How samples are drawn for `gen sample`, `gen eval` and the final evaluation (IBQ: constant CFG 2.0-2.85,
     temperature 1, no top-k / top-p; VQGAN-LC: no CFG, top-k)."""
 
-    cfg_scale: float = 2.0  # logits = uncond + scale * (cond - uncond); 1: conditional only
+    # logits = uncond + scale * (cond - uncond); 1: conditional only. None: 2.0 for a GPT trained with label
+    # dropout, 1 for one trained without (VQGAN-LC's GPT has no unconditional model to guide with)
+    cfg_scale: float | None = None
     cfg_schedule: str = "constant"  # "constant" | "linear" (from 1 at the first token to cfg_scale at the last)
     temperature: float = 1.0
     top_k: int | None = None
@@ -42,9 +44,22 @@ class SampleConfig:
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"sample.cfg_schedule={self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.cfg_scale is not None and self.cfg_scale < 0:
+            raise ValueError(f"sample.cfg_scale={self.cfg_scale}; use a scale >= 0 (1: no guidance) or null")
         if self.per_class < 1 or self.batch_size < 1:
             raise ValueError(f"sample.per_class={self.per_class}, sample.batch_size={self.batch_size}: both must be "
                              "at least 1")
+        return self
+
+    def for_model(self, config: GPTConfig) -> "SampleConfig":
+        """These settings for a GPT: cfg_scale None becomes 2.0 with label dropout, 1 without; an explicit guidance
+        scale for a GPT trained without label dropout is a ValueError (it has no unconditional model)."""
+        if self.cfg_scale is None:
+            return replace(self, cfg_scale=2.0 if config.class_dropout > 0 else 1.0)
+        if self.cfg_scale != 1.0 and config.class_dropout == 0:
+            raise ValueError(f"sample.cfg_scale={self.cfg_scale}, but this GPT is trained without label dropout "
+                             "(model.class_dropout 0: no unconditional model to guide with); set sample.cfg_scale=1 "
+                             "or model.class_dropout > 0")
         return self
 
 
@@ -66,6 +81,9 @@ class GenEvalConfig:
 @dataclass
 class GenTrainConfig:
     tokenizer: str | None = None  # the tokenizer's run directory (None: the run that wrote data.tokens)
+    # Decode with the tokenizer's weight EMA (ema.safetensors)? None: as the tokens were encoded (`vqtok encode
+    # --ema` records it in their index.json); set when training starts
+    tokenizer_ema: bool | None = None
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})  # GPTConfig fields (generate/ar.py)
     data: GenDataConfig = field(default_factory=GenDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05,

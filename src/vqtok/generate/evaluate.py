@@ -26,7 +26,7 @@ from torch import Tensor
 from ..core.io import atomic_write_bytes, write_json, write_text
 from ..core.rundir import RunDir
 from ..data import build_dataset
-from ..data.tokens import TokenShards
+from ..data.tokens import INDEX_FILE, TokenShards, read_index
 from ..models import Tokenizer
 from .ar import GPT
 from .sample import balanced_labels, sample
@@ -44,12 +44,22 @@ def load_for_sampling(run_dir: str | Path, sample_overrides: dict[str, Any] | No
     model = (model or loaded).to(device).eval()
     if not config.tokenizer:
         raise ValueError(f"{run_dir}'s config names no tokenizer; set it with --set tokenizer=RUN when training")
-    tokenizer = Tokenizer.from_pretrained(config.tokenizer).to(device).eval()
+    tokenizer = Tokenizer.from_pretrained(config.tokenizer, ema=tokenizer_ema(config)).to(device).eval()
     if tokenizer.codebook_size != model.config.vocab_size:
         raise ValueError(f"the tokenizer {config.tokenizer} has {tokenizer.codebook_size} codes but the generator "
                          f"predicts {model.config.vocab_size}; point `tokenizer` at the run that encoded its tokens")
-    sampling = replace(config.sample, **(sample_overrides or {})).check()
+    sampling = replace(config.sample, **(sample_overrides or {})).check().for_model(model.config)
     return model, tokenizer, sampling, config
+
+
+def tokenizer_ema(config: GenTrainConfig) -> bool:
+    """Whether the tokens were encoded with the tokenizer's weight EMA: the run's tokenizer_ema, else (runs made
+    before it was recorded) their index.json where the folder still exists, else the live weights."""
+    if config.tokenizer_ema is not None:
+        return config.tokenizer_ema
+    if config.data.tokens and (Path(config.data.tokens) / INDEX_FILE).is_file():
+        return bool(read_index(config.data.tokens).get("ema", False))
+    return False
 
 
 def sample_images(model: GPT, tokenizer: Tokenizer, sampling: SampleConfig, device: torch.device | str,

@@ -43,7 +43,11 @@ class GeneratorTrainer(TrainLoop):
         self.train_set = TokenShards(config.data.tokens, seed=config.seed)
         if config.tokenizer is None:
             config.tokenizer = self.train_set.index.get("run")
+        if config.tokenizer_ema is None:
+            config.tokenizer_ema = bool(self.train_set.index.get("ema", False))
         self.gpt_config = gpt_config(config, self.train_set)
+        if config.evaluate:
+            config.sample.for_model(self.gpt_config)  # a guidance scale this GPT cannot use: refused before training
         self.model = GPT(self.gpt_config).to(self.device)
         self.sync_initial_weights(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
