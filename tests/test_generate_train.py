@@ -82,6 +82,12 @@ def test_a_missing_token_folder_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "index.json" in err[0]
 
 
+def test_vqtok_debug_shows_the_traceback_of_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQTOK_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        main(["gen", "train", "--tokens", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--no-progress"])
+
+
 def test_gen_train_learns_the_class_patterns(tmp_path):
     """60 steps on 3 fixed class patterns: the chunked-head loss falls below a tenth of its start and greedy
     sampling reproduces every class's pattern."""

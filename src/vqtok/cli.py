@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .core.allocator import keep_freed_memory
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         # a user's mistake (a missing or foreign file, an existing run, a bad config value): vqtok's messages say
-        # what was wrong and what to do, in one line
+        # what was wrong and what to do, in one line. VQTOK_DEBUG=1 shows the traceback instead (an error of
+        # these types raised by a bug inside vqtok would otherwise read like a user's mistake)
+        if os.environ.get("VQTOK_DEBUG", "") not in ("", "0"):
+            raise
         print(f"vqtok {args.command}: error: {error}", file=sys.stderr)
         return 2
 
