@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,54 @@ def test_utilization_train_is_the_histogram_of_the_last_complete_epoch(tmp_path)
     epochs = log_rows(tmp_path / "run", "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1] and all(r["tokens_train"] == 48 * 64 for r in epochs)
     assert epochs[-1]["utilization_train"] == pytest.approx(float((codes_of_epoch(1) > 0).float().mean()))
+
+
+def test_per_rank_tokens_survive_a_resume_after_an_epoch_end(tmp_path):
+    extra = ["steps=9"]  # 6 batches an epoch: the split at 7 falls after epoch 0's end
+    train(tiny_config(*extra), tmp_path / "full", progress=False)
+    train(tiny_config(*extra), tmp_path / "split", until=7, progress=False)
+    train(tiny_config(*extra), tmp_path / "split", resume=True, progress=False)
+    ends = [log_rows(tmp_path / r, "end")[-1] for r in ("full", "split")]
+    assert ends[0]["tokens_train_per_rank"] == ends[1]["tokens_train_per_rank"] == [48 * 64]
+
+
+@pytest.mark.parametrize("weights, scale", [({"l1_weight": 1.0}, "l1"), ({"l1_weight": 0.0, "l2_weight": 1.0}, "l2")])
+def test_the_pixel_loss_is_taken_on_the_papers_minus_one_to_one_scale(tmp_path, weights, scale):
+    from vqtok.train.trainer import Trainer
+
+    settings = [f"loss.{k}={v}" for k, v in weights.items()]
+    trainer = Trainer(tiny_config("steps=1", *settings), tmp_path / "run", progress=False)
+    x = torch.stack([trainer.train_set[i][0] for i in range(8)])  # [0, 1]
+    with torch.no_grad():
+        error = (trainer.model.train()(x).x_hat.float() * 2 - 1) - (x * 2 - 1)  # taming's x / 127.5 - 1
+    expected = error.abs().mean() if scale == "l1" else error.square().mean()
+    assert float(trainer.train_step(x)["rec"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_discriminator_follows_the_generators_schedule_from_its_first_step(tmp_path):
+    """"Same lr for D" (METHODS 4): D's warm-up + cosine counts global steps, not steps since disc_start."""
+    from vqtok.train.trainer import Trainer
+
+    gan = ["optim.schedule=cosine", "optim.warmup_steps=2", "loss.disc_weight=0.5", "loss.disc_start=4",
+           "loss.disc_layers=1", "loss.adaptive_weight=false", "steps=8"]
+    trainer = Trainer(tiny_config(*gan), tmp_path / "run", progress=False)
+    g_lr, d_lr = {}, {}  # step -> the lr each optimiser stepped with
+    g_step, d_step = trainer.train_step, trainer._discriminator_step
+
+    def g_recording(*args):
+        g_lr[trainer.position.step] = trainer.opt_g.param_groups[0]["lr"]
+        return g_step(*args)
+
+    def d_recording(*args):
+        d_lr[trainer.position.step] = trainer.opt_d.param_groups[0]["lr"]
+        return d_step(*args)
+
+    trainer.train_step, trainer._discriminator_step = g_recording, d_recording
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler steps before D's first step are not warned about
+        trainer.train()
+    assert sorted(d_lr) == [4, 5, 6, 7] and len(set(d_lr.values())) == 4
+    assert all(d_lr[s] == pytest.approx(g_lr[s], rel=1e-12) for s in d_lr), (g_lr, d_lr)
 
 
 def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):

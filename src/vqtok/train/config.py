@@ -39,8 +39,11 @@ class CodebookConfig:
 
 @dataclass
 class LossConfig:
-    l1_weight: float = 1.0  # L1 pixel loss
-    l2_weight: float = 0.0  # MSE pixel loss
+    # Pixel losses on the papers' [-1, 1] image scale (taming, VQGAN-LC and IBQ feed x / 127.5 - 1): twice the L1
+    # and four times the MSE of [0, 1] images, so that l1_weight 1.0 weighs L1 against LPIPS, L_Q and the GAN term
+    # as the papers' recipes do
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
     perceptual_weight: float = 1.0  # 0 disables; LPIPS-VGG when its weights are found, else feature matching
     perceptual_encoder: str = "efficientnet-lite0"  # the offline fallback network
     lpips_dir: str | None = None

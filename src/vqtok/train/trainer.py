@@ -7,6 +7,7 @@ step; then, once the GAN has started, a discriminator step on real and reconstru
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ class Trainer(TrainLoop):
     # -- state beyond the optimisers --------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         return {"usage_epoch": self.usage_epoch.all_reduce().state_dict(),  # collective
-                "usage_train": self.usage_train.state_dict()}
+                "usage_train": self.usage_train.state_dict(), "usage_train_local": self.usage_train_local.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         # The saved epoch histogram is the all-ranks total: rank 0 keeps it, the others restart from zero, so the
@@ -123,6 +124,8 @@ class Trainer(TrainLoop):
         if self.is_main:
             self.usage_epoch.load_state_dict(state["usage_epoch"])
         self.usage_train.load_state_dict(state["usage_train"])
+        if "usage_train_local" in state:  # checkpoints written before it was saved lack it
+            self.usage_train_local.load_state_dict(state["usage_train_local"])
 
     def on_epoch_end(self) -> None:
         self.usage_train = self.usage_epoch.all_reduce()
@@ -151,7 +154,8 @@ class Trainer(TrainLoop):
         with self.autocast():
             out = self.model(x)
             x_hat = out.x_hat.float()
-            rec = cfg.l1_weight * (x_hat - x).abs().mean() + cfg.l2_weight * F.mse_loss(x_hat, x)
+            # on the [-1, 1] scale (LossConfig): |2a - 2b| = 2 |a - b|, written so to stay exact
+            rec = cfg.l1_weight * 2.0 * (x_hat - x).abs().mean() + cfg.l2_weight * 4.0 * F.mse_loss(x_hat, x)
             logs = {"rec": rec.detach()}
             if self.perceptual is not None:
                 perceptual = self.perceptual(x_hat, x).mean()
@@ -167,6 +171,12 @@ class Trainer(TrainLoop):
         self.optimizer_step(self.opt_g, self.sched_g, self.g_params, loss)
         if gan:
             logs.update(self._discriminator_step(x, x_hat.detach()))
+        elif self.sched_d is not None:
+            # D's schedule counts global steps, as G's does ("same lr for D"): a discriminator that starts at
+            # disc_start gets the lr of that step, not a fresh warm-up and a cosine shifted by disc_start
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.sched_d.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.usage_epoch.update(out.quant.indices)
