@@ -211,17 +211,20 @@ def test_frozen_index_keeps_the_first_index_of_duplicate_codes():
     assert torch.equal(found, torch.arange(100, 200))
 
 
-def test_frozen_index_rebuilds_only_when_the_key_changes():
+def test_frozen_index_reuses_a_tree_only_for_the_same_key_and_the_same_values(monkeypatch):
+    from vqtok.kernels import kdtree
+
     g = torch.Generator().manual_seed(3)
     codebook = torch.randn(4096, 8, generator=g)
     z = torch.randn(500, 8, generator=g)
-    first_key, second_key = fresh_key(), fresh_key()
-    before, _ = nearest_code(z, codebook, frozen_key=first_key)
-    moved = codebook.roll(1, dims=0)  # every code now at the next index
-    stale, _ = nearest_code(z, moved, frozen_key=first_key)  # same key: the cached tree answers (the caller's promise)
-    assert torch.equal(stale, before)
-    fresh, _ = nearest_code(z, moved, frozen_key=second_key)
-    assert torch.equal(fresh, (before + 1) % 4096)
+    key = fresh_key()
+    builds = []
+    monkeypatch.setattr(kdtree, "FrozenCodeIndex", lambda c, built=kdtree.FrozenCodeIndex: builds.append(1) or built(c))
+    before, _ = nearest_code(z, codebook, frozen_key=key)
+    assert torch.equal(nearest_code(z, codebook.clone(), frozen_key=key)[0], before) and len(builds) == 1  # reused
+    moved = codebook.roll(1, dims=0)  # every code now at the next index, under the same key (a missed write)
+    assert torch.equal(nearest_code(z, moved, frozen_key=key)[0], (before + 1) % 4096) and len(builds) == 2
+    assert torch.equal(nearest_code(z, moved, frozen_key=fresh_key())[0], (before + 1) % 4096)
 
 
 def test_frozen_index_falls_back_where_a_tree_does_not_pay():
@@ -255,6 +258,15 @@ def test_lc_in_eval_mode_follows_every_change_of_its_projector():
     assert torch.equal(q(z).indices, expected())
     with torch.no_grad():
         q.projector.weight.mul_(-1.0)
+    assert torch.equal(q(z).indices, expected())
+    # writes that leave the version counters as they were: a fused Adam step, and writes through .data
+    fused = torch.optim.Adam(q.parameters(), lr=0.1, fused=True)
+    q.train()
+    q(z).loss.backward()
+    fused.step()
+    q.eval()
+    assert torch.equal(q(z).indices, expected())
+    q.projector.bias.data.copy_(torch.randn(8))
     assert torch.equal(q(z).indices, expected())
     other = build_quantizer("lc", codebook_size=6000, dim=8, codebook=torch.randn(6000, 32))
     q.load_state_dict(other.state_dict())

@@ -100,11 +100,12 @@ class LCQuantizer(Quantizer):
         return F.linear(self.codebook, self.projector.weight.float(), self.projector.bias.float())  # (K, D) = P(C)
 
     def _state_key(self) -> tuple[object, ...]:
-        """The frozen_key of P(C) for the kernel registry: equal keys promise an equal P(C). It changes whenever
-        P(C) can: any write to the codebook or the projector (optimiser step, load_state_dict, in-place edit) bumps
-        a version counter; moving or re-assigning them changes a data pointer. torch has no public accessor for the
-        version counter, hence `_version`. The owner object keeps keys of different quantizers apart (their tensors
-        can reuse freed memory, so pointers and counters alone could coincide)."""
+        """The frozen_key of P(C) for the kernel registry. It changes with most writes to the codebook or the
+        projector (an optimiser step, load_state_dict and in-place edits bump a version counter; moving or
+        re-assigning them changes a data pointer), but not with all (a fused Adam step, writes through `.data`):
+        the k-d tree cache therefore also compares P(C) itself before it reuses a tree (kernels/kdtree.py). torch
+        has no public accessor for the version counter, hence `_version`. The owner object keeps keys of different
+        quantizers apart (their tensors can reuse freed memory, so pointers and counters alone could coincide)."""
         tensors = (self.codebook, self.projector.weight, self.projector.bias)
         return (self._key_owner, *((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors))
 
